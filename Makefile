@@ -1,0 +1,31 @@
+# Two entry points: `make lab` (the whole PW-11 lab → HTML report) and `make test`.
+# Each creates .venv and installs everything it needs; torch 2.13.0 (CPU) goes in first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: lab test bench install clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps captum==0.9.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lab: $(STAMP)
+	$(BIN)/convlens lab --out convlens-out/lab
+
+test: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) || echo "chromium not installed: browser test will be skipped"
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/attribution.py
+
+clean:
+	rm -rf $(VENV) convlens-out

@@ -1,0 +1,210 @@
+"""The CAM family: maps built from a layer's activations A (N, K, h, w) and channel weights.
+
+Each method overrides only how it weighs the channels. Gradients are taken with respect to
+the captured layer output, and backpropagation stops there (``capture(cut=True)``), so a
+Grad-CAM costs one forward and a partial backward, with parameters frozen.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConvlensError
+from ..hooks import auto_layer, capture, frozen, relu_rule, resolve_layer
+from .base import Attribution, Method, check_input, target_scores, upsample
+
+
+class CamMethod(Method):
+    """Template: one forward with the layer captured, gradients to the layer if needed, weights."""
+
+    needs_layer = True
+    needs_grad = True
+    kerasvis_layer = False
+    relu_rule: str | None = None
+
+    def layer_name(self, x: torch.Tensor) -> str:
+        if self.layer is None:
+            return auto_layer(self.model, x, kerasvis=self.kerasvis_layer)
+        return resolve_layer(self.model, self.layer)[0]
+
+    def layer_pass(self, x: torch.Tensor, target, layer: str):
+        """Activations, their gradients (or None), the explained scores and the targets."""
+        rule = relu_rule(self.relu_rule) if self.relu_rule else contextlib.nullcontext()
+        with frozen(self.model), capture(self.model, [layer], cut=True) as kept, rule:
+            with torch.set_grad_enabled(self.needs_grad):
+                scores = self.scores(x)
+                explained, targets = target_scores(scores, target)
+            acts = kept[layer]
+            if acts.dim() != 4:
+                raise ConvlensError(f"layer {layer!r} has output shape {tuple(acts.shape)}: "
+                                    "CAM methods need a spatial (N, C, H, W) layer")
+            grads = torch.autograd.grad(explained.sum(), acts)[0] if self.needs_grad else None
+        return acts.detach(), grads, explained.detach(), targets, scores.detach()
+
+    def weights(self, acts, grads, explained, targets, x, layer) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def combine(self, acts, grads, weights) -> torch.Tensor:
+        return F.relu((weights[:, :, None, None] * acts).sum(1))
+
+    def attribute(self, inputs: torch.Tensor, target=None) -> Attribution:
+        x = check_input(self.model, inputs)
+        layer = self.layer_name(x)
+        acts, grads, explained, targets, _ = self.layer_pass(x, target, layer)
+        raw = self.combine(acts, grads, self.weights(acts, grads, explained, targets, x, layer))
+        return Attribution(self.name, raw, upsample(raw, x.shape[-2:], self.interpolation), targets.cpu(), layer)
+
+
+class GradCAM(CamMethod):
+    """Selvaraju et al. 2017: α_k = spatial mean of ∂y^c/∂A_k; ReLU(Σ α_k A_k)."""
+
+    name = "gradcam"
+
+    def weights(self, acts, grads, *_):
+        return grads.mean((2, 3))
+
+
+class GradCAMPlusPlus(CamMethod):
+    """Chattopadhay et al. 2018, closed form with the exponential output.
+
+    α = g² / (2g² + Σ_ab A_ab g³); w_k = Σ_ij α ReLU(g). The paper's factor exp(S^c) is a
+    positive constant per sample; it is left out of ``raw`` to avoid overflow (the
+    normalized map is unchanged).
+    """
+
+    name = "gradcam++"
+
+    def weights(self, acts, grads, *_):
+        g2, g3 = grads.pow(2), grads.pow(3)
+        denom = 2 * g2 + acts.sum((2, 3), keepdim=True) * g3
+        alpha = torch.where(grads != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)),
+                            torch.zeros_like(g2))
+        return (alpha * F.relu(grads)).sum((2, 3))
+
+
+class XGradCAM(CamMethod):
+    """Fu et al. 2020: w_k = Σ_ij (A_k(i,j) / Σ A_k) ∂y^c/∂A_k(i,j)."""
+
+    name = "xgradcam"
+
+    def weights(self, acts, grads, *_):
+        total = acts.sum((2, 3), keepdim=True)
+        share = acts / torch.where(total != 0, total, torch.ones_like(total))
+        return (share * grads).sum((2, 3))
+
+
+class LayerCAM(CamMethod):
+    """Jiang et al. 2021: ReLU(Σ_k ReLU(g_k) ⊙ A_k), an element-wise weighting."""
+
+    name = "layercam"
+
+    def weights(self, acts, grads, *_):
+        return F.relu(grads)
+
+    def combine(self, acts, grads, weights):
+        return F.relu((weights * acts).sum(1))
+
+
+class KerasVisGradCAM(CamMethod):
+    """keras-vis ``visualize_cam`` with ``backprop_modifier='guided'``: Grad-CAM on guided gradients.
+
+    Layer: the nearest conv or pooling layer before the output; gradients divided by their
+    maximum before the spatial mean; bicubic upsampling. Not the paper's guided Grad-CAM.
+    """
+
+    name = "kerasvis-guided-gradcam"
+    kerasvis_layer = True
+    relu_rule = "guided"
+
+    def __init__(self, model, layer=None, output_selector=None, interpolation="bicubic"):
+        super().__init__(model, layer, output_selector, interpolation)
+
+    def weights(self, acts, grads, *_):
+        peak = grads.flatten(1).max(1).values
+        return (grads / (peak + 1e-7)[:, None, None, None]).mean((2, 3))
+
+
+class CAM(CamMethod):
+    """Zhou et al. 2016 for a global-average-pooling → linear head: M_c = Σ_k w_k^c A_k.
+
+    The linear head is found automatically: the ``nn.Linear`` whose output, fed with the
+    spatial mean of the layer, reproduces the model's scores.
+    """
+
+    name = "cam"
+    needs_grad = False
+
+    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", fc: nn.Linear | None = None):
+        super().__init__(model, layer, output_selector, interpolation)
+        self.fc = fc
+
+    def find_head(self, acts: torch.Tensor, scores: torch.Tensor) -> nn.Linear:
+        pooled = acts.mean((2, 3))
+        candidates = [self.fc] if self.fc is not None else [m for m in self.model.modules() if isinstance(m, nn.Linear)]
+        for fc in reversed(candidates):
+            if fc.in_features == pooled.shape[1] and fc.out_features == scores.shape[1]:
+                with torch.no_grad():
+                    if torch.allclose(fc(pooled), scores, rtol=1e-3, atol=1e-4):
+                        return fc
+        raise ConvlensError("CAM needs a global-average-pooling → linear head after the chosen layer; "
+                            "this model has none (use gradcam)")
+
+    def attribute(self, inputs, target=None):
+        x = check_input(self.model, inputs)
+        layer = self.layer_name(x)
+        acts, _, _, targets, scores = self.layer_pass(x, target, layer)
+        fc = self.find_head(acts, scores)
+        if bool((targets < 0).any()):
+            raise ConvlensError("CAM needs class targets, not a callable")
+        w = fc.weight.detach()[targets]
+        raw = (w[:, :, None, None] * acts).sum(1)
+        return Attribution(self.name, raw, upsample(raw, x.shape[-2:], self.interpolation), targets.cpu(), layer)
+
+
+class ScoreCAM(CamMethod):
+    """Wang et al. 2020: α_k = softmax(f(X ⊙ minmax(upsample(A_k))))_c; ReLU(Σ α_k A_k).
+
+    Masked forwards run in batches of ``batch_size``. A channel whose activation is all zero
+    adds α_k·0 whatever α_k is, so it is skipped: exact, and often half the channels.
+    """
+
+    name = "scorecam"
+    needs_grad = False
+
+    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", batch_size: int = 32):
+        super().__init__(model, layer, output_selector, interpolation)
+        if batch_size <= 0:
+            raise ConvlensError("Score-CAM batch size must be positive")
+        self.batch_size = batch_size
+
+    def weights(self, acts, grads, explained, targets, x, layer):
+        n, k = acts.shape[:2]
+        alpha = torch.zeros(n, k, dtype=acts.dtype, device=acts.device)
+        with torch.no_grad():
+            for i in range(n):
+                alpha[i] = self.sample_weights(acts[i], x[i], int(targets[i]))
+        return alpha
+
+    def sample_weights(self, act: torch.Tensor, image: torch.Tensor, target: int) -> torch.Tensor:
+        k = act.shape[0]
+        alpha = torch.zeros(k, dtype=act.dtype, device=act.device)
+        live = (act.flatten(1) != 0).any(1).nonzero().flatten()
+        for start in range(0, len(live), self.batch_size):
+            idx = live[start:start + self.batch_size]
+            masks = upsample(act[idx], image.shape[-2:], "bilinear")
+            flat = masks.flatten(1)
+            lo, hi = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
+            span = hi - lo
+            masks = torch.where(span > 0, (masks - lo) / torch.where(span > 0, span, torch.ones_like(span)),
+                                torch.zeros_like(masks))
+            probs = F.softmax(self.scores(image[None] * masks[:, None]), dim=1)
+            alpha[idx] = probs[:, target]
+        return alpha
+
+    def attribute(self, inputs, target=None):
+        if callable(target) and not isinstance(target, torch.Tensor):
+            raise ConvlensError("Score-CAM needs class targets, not a callable")
+        return super().attribute(inputs, target)

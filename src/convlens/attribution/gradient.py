@@ -1,0 +1,179 @@
+"""The gradient family: maps from ∂y^c/∂x, optionally with guided / deconvnet ReLU rules."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..errors import ConvlensError
+from ..hooks import frozen, relu_rule
+from .base import Attribution, Method, check_input, target_scores, upsample
+from .cam import GradCAM
+
+
+def reduce_channels(raw: torch.Tensor, how: str) -> torch.Tensor:
+    """(N, C, H, W) → (N, H, W): 'absmax' (max |·| over channels), 'sum', or 'max'."""
+    if how == "absmax":
+        return raw.abs().amax(1)
+    if how == "sum":
+        return raw.sum(1)
+    if how == "max":
+        return raw.amax(1)
+    raise ConvlensError(f"unknown channel reduction {how!r}")
+
+
+class GradientMethod(Method):
+    """Gradient of the explained score with respect to the input, in one batched backward."""
+
+    rule: str | None = None
+    reduction = "absmax"
+
+    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear",
+                 reduction: str | None = None):
+        super().__init__(model, layer, output_selector, interpolation)
+        if reduction is not None:
+            self.reduction = reduction
+
+    def input_gradients(self, x: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(∂score/∂x, explained scores, targets) with parameters frozen."""
+        rule = relu_rule(self.rule) if self.rule else contextlib.nullcontext()
+        x = x.detach().requires_grad_(True)
+        with frozen(self.model), rule, torch.enable_grad():
+            explained, targets = target_scores(self.scores(x), target)
+            grad = torch.autograd.grad(explained.sum(), x)[0]
+        return grad, explained.detach(), targets
+
+    def raw_map(self, x: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor]:
+        grad, _, targets = self.input_gradients(x, target)
+        return grad, targets
+
+    def attribute(self, inputs, target=None) -> Attribution:
+        x = check_input(self.model, inputs)
+        raw, targets = self.raw_map(x, target)
+        return Attribution(self.name, raw, reduce_channels(raw, self.reduction), targets.cpu())
+
+
+class Saliency(GradientMethod):
+    """Simonyan et al. 2014: the vanilla gradient; map = max over channels of |∂y/∂x|."""
+
+    name = "saliency"
+
+
+class GuidedBackprop(GradientMethod):
+    """Springenberg et al. 2015: ReLU backward keeps (x>0)·(g>0)·g; ReLU6 also needs x<6."""
+
+    name = "guided-backprop"
+    rule = "guided"
+
+
+class Deconvnet(GradientMethod):
+    """Zeiler & Fergus 2014: ReLU backward keeps (g>0)·g, ignoring the forward input."""
+
+    name = "deconvnet"
+    rule = "deconvnet"
+
+
+class InputXGradient(GradientMethod):
+    """Shrikumar et al. 2016: x ⊙ ∂y/∂x; map = sum over channels (signed)."""
+
+    name = "input-x-gradient"
+    reduction = "sum"
+
+    def raw_map(self, x, target):
+        grad, _, targets = self.input_gradients(x, target)
+        return x * grad, targets
+
+
+class GuidedGradCAM(GradientMethod):
+    """Selvaraju et al. 2017, as in the paper: guided backprop ⊙ upsampled Grad-CAM."""
+
+    name = "guided-gradcam"
+    reduction = "absmax"
+
+    def attribute(self, inputs, target=None) -> Attribution:
+        x = check_input(self.model, inputs)
+        cam = GradCAM(self.model, self.layer, self.output_selector, self.interpolation).attribute(x, target)
+        guided_target = cam.targets.to(x.device) if bool((cam.targets >= 0).all()) else target
+        guided, _, targets = GuidedBackprop(self.model, output_selector=self.output_selector).input_gradients(
+            x, guided_target)
+        raw = guided * cam.maps[:, None]
+        return Attribution(self.name, raw, reduce_channels(raw, self.reduction), targets.cpu(), cam.layer)
+
+
+class IntegratedGradients(GradientMethod):
+    """Sundararajan et al. 2017: (x − x0) ⊙ mean of ∂y/∂x along the straight path x0 → x.
+
+    Uses ``steps`` midpoint-rule points, evaluated in batches of ``batch_size`` inputs.
+    Baselines: 'zero', 'min' (the lowest input value, black), 'blur', or a tensor.
+    """
+
+    name = "integrated-gradients"
+    reduction = "sum"
+
+    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", reduction=None,
+                 steps: int = 64, baseline="zero", batch_size: int = 256, input_min: float = 0.0):
+        super().__init__(model, layer, output_selector, interpolation, reduction)
+        if steps <= 0 or batch_size <= 0:
+            raise ConvlensError("integrated gradients needs positive steps and batch size")
+        self.steps, self.baseline, self.batch_size, self.input_min = steps, baseline, batch_size, input_min
+
+    def make_baseline(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.baseline, torch.Tensor):
+            return self.baseline.to(x).expand_as(x)
+        if self.baseline == "zero":
+            return torch.zeros_like(x)
+        if self.baseline == "min":
+            return torch.full_like(x, self.input_min)
+        if self.baseline == "blur":
+            from ..evaluation.perturbation import blur
+            return blur(x)
+        raise ConvlensError(f"unknown baseline {self.baseline!r}; use zero, min, blur or a tensor")
+
+    def raw_map(self, x, target):
+        x0 = self.make_baseline(x)
+        with torch.no_grad():
+            _, targets = target_scores(self.scores(x), target)
+        path_target = targets if bool((targets >= 0).all()) else target
+        alphas = (torch.arange(self.steps, dtype=x.dtype, device=x.device) + 0.5) / self.steps
+        total = torch.zeros_like(x)
+        per_chunk = max(1, self.batch_size // len(x))
+        for start in range(0, self.steps, per_chunk):
+            a = alphas[start:start + per_chunk]
+            points = (x0[None] + a[:, None, None, None, None] * (x - x0)[None]).flatten(0, 1)
+            t = path_target.repeat(len(a)) if isinstance(path_target, torch.Tensor) else path_target
+            grad, _, _ = self.input_gradients(points, t)
+            total += grad.view(len(a), *x.shape).sum(0)
+        return (x - x0) * total / self.steps, targets
+
+
+class SmoothGrad(Method):
+    """Smilkov et al. 2017: mean of any method's raw map over ``samples`` noisy copies (σ as a fraction
+    of the input range); noisy copies run as one batch (in chunks of ``batch_size``)."""
+
+    def __init__(self, method: Method, samples: int = 25, sigma: float = 0.15, batch_size: int = 256,
+                 seed: int = 0):
+        super().__init__(method.model, method.layer, method.output_selector, method.interpolation)
+        if samples <= 0 or sigma < 0:
+            raise ConvlensError("SmoothGrad needs samples > 0 and sigma ≥ 0")
+        self.method, self.samples, self.sigma, self.batch_size, self.seed = method, samples, sigma, batch_size, seed
+        self.name = f"smoothgrad-{method.name}"
+
+    def attribute(self, inputs, target=None) -> Attribution:
+        x = check_input(self.model, inputs)
+        with torch.no_grad():
+            _, targets = target_scores(self.scores(x), target)
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        span = (x.flatten(1).max(1).values - x.flatten(1).min(1).values).view(-1, 1, 1, 1)
+        raw_sum, maps_sum = None, None
+        per_chunk = max(1, self.batch_size // len(x))
+        for start in range(0, self.samples, per_chunk):
+            k = min(per_chunk, self.samples - start)
+            noise = torch.randn((k, *x.shape), generator=gen).to(x) * (self.sigma * span)[None]
+            noisy = (x[None] + noise).flatten(0, 1)
+            res = self.method.attribute(noisy, targets.repeat(k).to(x.device))
+            raw = res.raw.view(k, len(x), *res.raw.shape[1:]).sum(0)
+            maps = res.maps.view(k, len(x), *res.maps.shape[1:]).sum(0)
+            raw_sum = raw if raw_sum is None else raw_sum + raw
+            maps_sum = maps if maps_sum is None else maps_sum + maps
+        return Attribution(self.name, raw_sum / self.samples, maps_sum / self.samples, targets.cpu(),
+                           getattr(self.method, "layer", None) if isinstance(self.method.layer, str) else None)

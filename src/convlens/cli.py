@@ -1,0 +1,140 @@
+"""The ``convlens`` command line: one subcommand per capability.
+
+User errors print one line on stderr and exit with code 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .errors import ConvlensError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
+
+
+def command(func):
+    COMMANDS[func.__name__.removeprefix("cmd_").replace("_", "-")] = func
+    return func
+
+
+def int_list(text: str) -> list[int]:
+    """'0-9' or '1,3,5' or '0-2,7' → list of ints."""
+    out: list[int] = []
+    try:
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    return out
+
+
+def float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+
+
+def str_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def set_threads(threads: int | None) -> None:
+    """Pick the thread count once, at start-up (changing it later slows torch down badly)."""
+    import torch
+
+    if threads is not None:
+        if threads <= 0:
+            raise ConvlensError(f"--threads must be positive, got {threads}")
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- commands
+@command
+def cmd_train(a: argparse.Namespace) -> int:
+    from .training import make_recipe, train
+
+    recipe = make_recipe(a.recipe, a.epochs, a.batch_size, a.lr)
+    metrics = train(a.out, recipe, seed=a.seed, resume=a.resume, progress=not a.quiet, subset=a.subset)
+    print(f"test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}")
+    print(Path(a.out) / "model.pt")
+    return 0
+
+
+@command
+def cmd_summary(a: argparse.Namespace) -> int:
+    from .models import LabNet, load_model, summary_table
+
+    model = load_model(a.model).model if a.model else LabNet()
+    print(summary_table(model))
+    return 0
+
+
+def add_common(p: argparse.ArgumentParser, model_default: str | None = None, out: str | None = None) -> None:
+    p.add_argument("--model", default=model_default,
+                   help="'efficientnet-lite0', a training run folder or a checkpoint file")
+    if out:
+        p.add_argument("--out", default=out, help="output folder (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .models.registry import DEFAULT_RUN
+
+    parser = argparse.ArgumentParser(prog="convlens", description="See what a CNN has learned and why it decides.")
+    parser.add_argument("--version", action="version", version=f"convlens {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=SubParser)
+
+    p = sub.add_parser("train", help="train the lab network on the shipped MNIST")
+    p.add_argument("--out", default=DEFAULT_RUN)
+    p.add_argument("--recipe", default="best", choices=["lab", "best"])
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--subset", type=int, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("summary", help="print the lab network's architecture table")
+    add_common(p)
+
+    for register in EXTRA_PARSERS:
+        register(sub, DEFAULT_RUN)
+    return parser
+
+
+EXTRA_PARSERS: list[Callable] = []
+
+
+class SubParser(argparse.ArgumentParser):
+    """Every subcommand accepts the shared options --threads and --quiet."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--threads", type=int, default=None, help="torch threads, fixed at start-up")
+        self.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        set_threads(args.threads)
+        return COMMANDS[args.command](args) or 0
+    except ConvlensError as exc:
+        print(f"convlens: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("convlens: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("convlens: error: out of memory (try a smaller batch)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The one hook engine every method uses.
+
+* :func:`capture` — forward hooks on named layers, scoped and removed in ``finally``.
+  The hook keeps the layer's own output tensor and hands a clone downstream, so an
+  in-place op after the layer (``ReLU(inplace=True)``) cannot corrupt what was kept
+  and gradients taken with respect to the kept tensor are those of the layer output.
+  With ``cut=True`` the kept tensor is a fresh leaf: backpropagation stops at the layer.
+* :func:`frozen` — parameters stop requiring grad for the duration (no parameter
+  gradients, no graph upstream of the input), restored exactly afterwards.
+* :func:`relu_rule` — guided-backprop / deconvnet backward rules for every ReLU-family
+  call (``nn.ReLU``, ``nn.ReLU6``, in place or not, ``F.relu``, ``torch.relu``,
+  ``Tensor.relu``, ``F.hardtanh(·, 0, t)``), intercepted with a TorchFunctionMode so
+  functional ReLUs are covered too and the model's modules are never modified.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .errors import ConvlensError
+
+POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: mod for name, mod in model.named_modules() if name}
+
+
+def resolve_layer(model: nn.Module, name: str | nn.Module) -> tuple[str, nn.Module]:
+    """Module path → (path, module); an unknown name lists the available layers."""
+    modules = named_modules(model)
+    if isinstance(name, nn.Module):
+        for path, mod in modules.items():
+            if mod is name:
+                return path, mod
+        raise ConvlensError("the given layer module is not part of the model")
+    if name not in modules:
+        available = ", ".join(list(modules)[:60]) + (" …" if len(modules) > 60 else "")
+        raise ConvlensError(f"unknown layer {name!r}; available layers: {available}")
+    return name, modules[name]
+
+
+@dataclass
+class Captured:
+    """Layer outputs kept by :func:`capture`, by module path, in the order they ran."""
+
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.outputs:
+            raise ConvlensError(f"layer {name!r} did not run during the forward pass")
+        return self.outputs[name]
+
+
+def _capture_hook(store: Captured, name: str, cut: bool):
+    def hook(_module, _inputs, output):
+        if not isinstance(output, torch.Tensor):
+            return None
+        kept = output.detach().requires_grad_(True) if cut or not output.requires_grad else output
+        store.outputs[name] = kept
+        return kept.clone()
+    return hook
+
+
+@contextlib.contextmanager
+def capture(model: nn.Module, layers: Sequence[str | nn.Module], cut: bool = False) -> Iterator[Captured]:
+    """Keep the outputs of ``layers`` during forwards run inside the block (see module doc)."""
+    store = Captured()
+    resolved = [resolve_layer(model, layer) for layer in layers]
+    handles = []
+    try:
+        for path, module in resolved:
+            handles.append(module.register_forward_hook(_capture_hook(store, path, cut)))
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Parameters do not require grad inside the block; each flag is restored afterwards."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def observe_outputs(model: nn.Module) -> Iterator[list[tuple[str, torch.Size, nn.Module]]]:
+    """Record (path, output shape, module) of every module, in the order they finish."""
+    seen: list[tuple[str, torch.Size, nn.Module]] = []
+    handles = []
+    try:
+        for path, module in named_modules(model).items():
+            handles.append(module.register_forward_hook(
+                lambda m, _i, out, path=path: seen.append((path, out.shape, m)) if isinstance(out, torch.Tensor) else None))
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def spatial_layers(model: nn.Module, example: torch.Tensor) -> list[tuple[str, torch.Size, nn.Module]]:
+    """Modules with a 4-D output larger than 1×1, in execution order (one forward of ``example``)."""
+    with observe_outputs(model) as seen, torch.no_grad():
+        model(example[:1])
+    return [(p, s, m) for p, s, m in seen if len(s) == 4 and s[-1] * s[-2] > 1]
+
+
+def auto_layer(model: nn.Module, example: torch.Tensor, kerasvis: bool = False) -> str:
+    """The layer CAM methods use by default.
+
+    Default: the last module with a spatial 4-D output that is not a pooling layer (the
+    last conv block before the head). ``kerasvis``: the last conv or pooling layer, as
+    keras-vis picks it.
+    """
+    layers = spatial_layers(model, example)
+    if kerasvis:
+        layers = [x for x in layers if isinstance(x[2], (nn.Conv2d,) + POOLING) or "conv" in type(x[2]).__name__.lower()]
+    else:
+        layers = [x for x in layers if not isinstance(x[2], POOLING)]
+    if not layers:
+        raise ConvlensError("the model has no layer with a spatial (N, C, H, W) output: CAM methods need one")
+    return layers[-1][0]
+
+
+# ----------------------------------------------------------------- ReLU rules
+class _RuleReLU(torch.autograd.Function):
+    """y = clamp(x, 0, upper); backward by the guided or deconvnet rule."""
+
+    @staticmethod
+    def forward(ctx, x, upper, rule):
+        ctx.save_for_backward(x)
+        ctx.upper, ctx.rule = upper, rule
+        return x.clamp(0, upper) if upper is not None else x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        positive = grad_out.clamp_min(0)
+        if ctx.rule == "deconvnet":
+            return positive, None, None
+        inside = x > 0
+        if ctx.upper is not None:
+            inside = inside & (x < ctx.upper)
+        return positive * inside, None, None
+
+
+_RELU_FUNCS = {F.relu, torch.relu, torch.Tensor.relu, F.relu_, torch.relu_, torch.Tensor.relu_}
+
+
+def _relu6_upper(func, args, kwargs) -> float | None | bool:
+    """Upper bound of a ReLU-family hardtanh call, or False when it is not one."""
+    if func is F.relu6:
+        return 6.0
+    if func is F.hardtanh:
+        lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+        hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
+        return float(hi) if lo == 0 else False
+    return False
+
+
+class _ReluRuleMode(TorchFunctionMode):
+    def __init__(self, rule: str):
+        super().__init__()
+        self.rule = rule
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        upper = None if func in _RELU_FUNCS else _relu6_upper(func, args, kwargs)
+        x = args[0] if args else None
+        if upper is False or not (isinstance(x, torch.Tensor) and x.requires_grad):
+            return func(*args, **kwargs)
+        # An in-place call returns a new tensor instead: modules use the returned value,
+        # and autograd keeps the unmodified input for the backward rule.
+        self.calls += 1
+        return _RuleReLU.apply(x, upper, self.rule)
+
+
+@contextlib.contextmanager
+def relu_rule(rule: str) -> Iterator[_ReluRuleMode]:
+    """Apply the ``"guided"`` or ``"deconvnet"`` backward rule to every ReLU-family call in the block."""
+    if rule not in ("guided", "deconvnet"):
+        raise ValueError(f"unknown ReLU rule {rule!r}")
+    mode = _ReluRuleMode(rule)
+    with mode:
+        yield mode
+
+
+def count_hooks(model: nn.Module) -> int:
+    """Number of forward/backward hooks currently registered on the model's modules."""
+    total = 0
+    for module in model.modules():
+        total += len(module._forward_hooks) + len(module._forward_pre_hooks)
+        total += len(module._backward_hooks) + len(getattr(module, "_backward_pre_hooks", {}))
+    return total

@@ -1,0 +1,4 @@
+"""Figures: every function takes data and a path and writes one PNG atomically."""
+import matplotlib
+
+matplotlib.use("Agg")
