@@ -41,8 +41,8 @@ class MnistSplit:
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Float images in [0, 1] with a channel axis, and long labels."""
-        x = torch.from_numpy(self.images).unsqueeze(1).float().div_(255.0)
-        return x, torch.from_numpy(self.labels)
+        x = torch.from_numpy(self.images.copy()).unsqueeze(1).float().div_(255.0)
+        return x, torch.from_numpy(self.labels.copy())
 
 
 def package_mnist_dir() -> Path:
