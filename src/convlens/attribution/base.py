@@ -100,13 +100,22 @@ def upsample(maps: torch.Tensor, size: Sequence[int], mode: str = "bilinear") ->
     return F.interpolate(maps[:, None], size=tuple(size), mode=mode, **kwargs)[:, 0]
 
 
+def expected_channels(model: nn.Module) -> int | None:
+    """Input channels: the model's ``input_shape`` if it declares one, else its first Conv2d's."""
+    shape = getattr(model, "input_shape", None)
+    if shape is not None:
+        return int(shape[0])
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return first.in_channels if first is not None else None
+
+
 def check_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Inputs must be a float (N, C, H, W) batch with the channels the model expects."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ConvlensError(f"inputs must be a (N, C, H, W) tensor, got shape {tuple(getattr(x, 'shape', ()))}")
-    expected = getattr(model, "input_shape", None)
-    if expected is not None and x.shape[1] != expected[0]:
-        raise ConvlensError(f"the model expects {expected[0]} input channel(s), got {x.shape[1]}")
+    channels = expected_channels(model)
+    if channels is not None and x.shape[1] != channels:
+        raise ConvlensError(f"the model expects {channels} input channel(s), got {x.shape[1]}")
     return x.detach().float() if not x.is_floating_point() else x.detach()
 
 
