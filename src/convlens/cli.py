@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import ConvlensError
+from .runtime import tune_malloc
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
 
@@ -74,6 +75,37 @@ def cmd_summary(a: argparse.Namespace) -> int:
     return 0
 
 
+@command
+def cmd_predict(a: argparse.Namespace) -> int:
+    from .data.images import sample_photo_paths
+    from .explain import format_table, load_batch, predict, prediction_rows
+    from .io import write_json
+    from .models import load_model
+
+    if a.top <= 0:
+        raise ConvlensError("--top must be positive")
+    loaded = load_model(a.model)
+    batch = load_batch(a.images or sample_photo_paths(), loaded)
+    rows = prediction_rows(loaded, batch.paths, predict(loaded, batch.x), a.top)
+    print(format_table(rows))
+    if a.json:
+        write_json(a.json, rows)
+    return 1 if batch.failures else 0
+
+
+@command
+def cmd_explain(a: argparse.Namespace) -> int:
+    from .data.images import sample_photo_paths
+    from .explain import explain
+    from .models import load_model
+
+    loaded = load_model(a.model)
+    summary = explain(loaded, a.images or sample_photo_paths(), a.out, a.methods, a.target, a.layer,
+                      progress=not a.quiet)
+    print(Path(a.out) / "predictions.json")
+    return 1 if summary["skipped"] else 0
+
+
 def add_common(p: argparse.ArgumentParser, model_default: str | None = None, out: str | None = None) -> None:
     p.add_argument("--model", default=model_default,
                    help="'efficientnet-lite0', a training run folder or a checkpoint file")
@@ -102,6 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("summary", help="print the lab network's architecture table")
     add_common(p)
 
+    p = sub.add_parser("predict", help="top-k predictions for images (table like the report's)")
+    p.add_argument("images", nargs="*", help="image files or folders (default: the shipped photos)")
+    add_common(p, "efficientnet-lite0")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--json", help="also write the rows to this JSON file")
+
+    p = sub.add_parser("explain", help="attribution maps (Grad-CAM, guided Grad-CAM, …) for images")
+    p.add_argument("images", nargs="*", help="image files or folders (default: the shipped photos)")
+    add_common(p, "efficientnet-lite0", "convlens-out/explain")
+    p.add_argument("--methods", type=str_list, help="comma-separated; default: " + "gradcam,guided-gradcam,…")
+    p.add_argument("--target", help="class index or name, or 'predicted' (default)")
+    p.add_argument("--layer", help="module path of the CAM layer (default: automatic)")
+
     for register in EXTRA_PARSERS:
         register(sub, DEFAULT_RUN)
     return parser
@@ -123,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        tune_malloc()
         set_threads(args.threads)
         return COMMANDS[args.command](args) or 0
     except ConvlensError as exc:
