@@ -106,6 +106,26 @@ def cmd_explain(a: argparse.Namespace) -> int:
     return 1 if summary["skipped"] else 0
 
 
+@command
+def cmd_featuremaps(a: argparse.Namespace) -> int:
+    from .analysis import featuremaps
+    from .models import load_model
+
+    featuremaps(load_model(a.model), a.out, a.layers, a.digit, a.index, a.image)
+    print(Path(a.out) / "featuremaps.json")
+    return 0
+
+
+@command
+def cmd_stats(a: argparse.Namespace) -> int:
+    from .analysis import statistics
+    from .models import load_model
+
+    statistics(load_model(a.model), a.out, a.layers, a.split, a.correct_only, a.data, a.limit, not a.quiet)
+    print(Path(a.out) / "stats.json")
+    return 0
+
+
 def add_common(p: argparse.ArgumentParser, model_default: str | None = None, out: str | None = None) -> None:
     p.add_argument("--model", default=model_default,
                    help="'efficientnet-lite0', a training run folder or a checkpoint file")
@@ -146,6 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=str_list, help="comma-separated; default: " + "gradcam,guided-gradcam,…")
     p.add_argument("--target", help="class index or name, or 'predicted' (default)")
     p.add_argument("--layer", help="module path of the CAM layer (default: automatic)")
+
+    p = sub.add_parser("featuremaps", help="feature maps of one input and of every digit; l1 kernels")
+    add_common(p, DEFAULT_RUN, "convlens-out/featuremaps")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--digit", type=int, help="first test image of this digit (default 7)")
+    group.add_argument("--index", type=int, help="test image index")
+    group.add_argument("--image", help="an image file")
+    p.add_argument("--layers", type=str_list, help="module paths (default l1,l2,l3)")
+
+    p = sub.add_parser("stats", help="per-class filter activation statistics and their figures")
+    add_common(p, DEFAULT_RUN, "convlens-out/stats")
+    p.add_argument("--split", choices=["test", "train"], default="test")
+    p.add_argument("--data", help="a labelled image folder (one sub-folder per class) instead of MNIST")
+    p.add_argument("--correct-only", action="store_true", help="only correctly classified samples")
+    p.add_argument("--layers", type=str_list, help="module paths (default l1,l2,l3)")
+    p.add_argument("--limit", type=int, help="only the first N samples")
 
     for register in EXTRA_PARSERS:
         register(sub, DEFAULT_RUN)

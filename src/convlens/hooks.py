@@ -62,7 +62,10 @@ def _capture_hook(store: Captured, name: str, cut: bool):
     def hook(_module, _inputs, output):
         if not isinstance(output, torch.Tensor):
             return None
-        kept = output.detach().requires_grad_(True) if cut or not output.requires_grad else output
+        if cut or (torch.is_grad_enabled() and not output.requires_grad):
+            kept = output.detach().requires_grad_(True)
+        else:
+            kept = output
         store.outputs[name] = kept
         return kept.clone()
     return hook

@@ -1,0 +1,190 @@
+"""Figures of the filter activation statistics and of feature maps (GUIDE §2 readings)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import ListedColormap
+
+from ..io import save_figure
+
+STRENGTH_THRESHOLD = 0.1
+
+
+def upsample_nearest(arr: np.ndarray, size: int) -> np.ndarray:
+    reps = int(np.ceil(size / arr.shape[-1]))
+    big = arr.repeat(reps, axis=-2).repeat(reps, axis=-1)
+    return big[..., :size, :size]
+
+
+def dominant_filter_ranks(stat: dict, c: int, threshold: float = STRENGTH_THRESHOLD) -> np.ndarray:
+    """Per pixel of class c: the rank of the winning filter (NaN where too weak to colour).
+
+    Winner k* = argmax_k M[c,k,i,j] / max over classes and space of M[·,k].
+    """
+    mean_map = stat["mean_map"]
+    peak = mean_map.max(axis=(0, 2, 3))
+    norm = mean_map[c] / np.where(peak > 0, peak, 1)[:, None, None]
+    winner = norm.argmax(0)
+    strength = norm.max(0)
+    rank = stat["rank"][c][winner].astype(float)
+    rank[strength < threshold] = np.nan
+    return rank
+
+
+def plot_rank_overlay(stats: dict[str, dict], class_means: np.ndarray, path: str | Path,
+                      class_names: list[str]) -> Path:
+    """Grid rows = layers, columns = classes; pixels coloured by the rank of their dominant filter."""
+    layers = list(stats)
+    n_cls = len(class_names)
+    fig, axes = plt.subplots(len(layers), n_cls, figsize=(1.55 * n_cls + 1.2, 1.7 * len(layers)), squeeze=False)
+    size = class_means.shape[-1]
+    for r, layer in enumerate(layers):
+        k = stats[layer]["score"].shape[1]
+        cmap = plt.get_cmap("jet_r", k)
+        for c in range(n_cls):
+            ax = axes[r, c]
+            rank = upsample_nearest(dominant_filter_ranks(stats[layer], c), size)
+            ax.imshow(class_means[c], cmap="gray", vmin=0, vmax=1)
+            ax.imshow(np.ma.masked_invalid(rank), cmap=cmap, vmin=0.5, vmax=k + 0.5, alpha=0.75,
+                      interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(class_names[c])
+            if c == 0:
+                ax.set_ylabel(f"{layer}\n({k} filters)")
+        sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0.5, k + 0.5))
+        cb = fig.colorbar(sm, ax=axes[r, :].tolist(), fraction=0.02, pad=0.01)
+        cb.set_ticks([1, k])
+        cb.set_ticklabels(["rank 1\n(most)", f"rank {k}\n(least)"])
+    fig.suptitle("Dominant filter per pixel, coloured by its rank for the class (red = most important, "
+                 "blue = least); uncoloured: weak", fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_score_heatmaps(stats: dict[str, dict], path: str | Path, class_names: list[str]) -> Path:
+    layers = list(stats)
+    fig, axes = plt.subplots(1, len(layers), figsize=(4.3 * len(layers), 4), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        score = stats[layer]["score"]
+        im = ax.imshow(score, cmap="viridis", aspect="auto")
+        ax.set(title=f"{layer}: mean activation", xlabel="filter", ylabel="class",
+               yticks=range(len(class_names)), yticklabels=class_names, xticks=range(score.shape[1]))
+        ax.tick_params(axis="x", labelsize=7)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    return save_figure(fig, path)
+
+
+def plot_score_bars(stat: dict, layer: str, path: str | Path, class_names: list[str]) -> Path:
+    n = len(class_names)
+    cols = 5
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.3 * rows), squeeze=False, sharey=True)
+    k = stat["score"].shape[1]
+    colours = plt.get_cmap("jet_r", k)(np.arange(k))
+    for c, ax in enumerate(axes.ravel()):
+        if c >= n:
+            ax.axis("off")
+            continue
+        order = np.argsort(stat["rank"][c])
+        ax.bar(range(k), stat["score"][c][order], color=colours)
+        ax.set_xticks(range(k))
+        ax.set_xticklabels(order, fontsize=6)
+        ax.set_title(f"class {class_names[c]}", fontsize=9)
+    fig.suptitle(f"{layer}: filter scores sorted by rank (labels: filter index)", fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_class_probability(stats: dict[str, dict], path: str | Path, class_names: list[str]) -> Path:
+    """P(c | top filter of c active at (i, j)) = M[c,k,i,j] / Σ_c' M[c',k,i,j] for the class's rank-1 filter."""
+    layers = list(stats)
+    n = len(class_names)
+    fig, axes = plt.subplots(len(layers), n, figsize=(1.5 * n + 1, 1.6 * len(layers)), squeeze=False)
+    for r, layer in enumerate(layers):
+        m = stats[layer]["mean_map"]
+        total = m.sum(0)
+        for c in range(n):
+            k = int(np.argmin(stats[layer]["rank"][c]))
+            prob = np.divide(m[c, k], total[k], out=np.zeros_like(total[k]), where=total[k] > 0)
+            im = axes[r, c].imshow(prob, cmap="magma", vmin=0, vmax=1)
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+            if r == 0:
+                axes[r, c].set_title(class_names[c])
+            axes[r, c].set_xlabel(f"f{k}", fontsize=7)
+            if c == 0:
+                axes[r, c].set_ylabel(layer)
+    fig.colorbar(im, ax=axes.ravel().tolist(), fraction=0.02, label="P(class | filter active)")
+    fig.suptitle("Per-pixel class probability of each class's rank-1 filter", fontsize=10)
+    return save_figure(fig, path)
+
+
+def plot_ranked_maps(stat: dict, layer: str, path: str | Path, class_names: list[str]) -> Path:
+    """Rows = classes, columns = rank; each cell the filter's class-mean map."""
+    m = stat["mean_map"]
+    n, k = m.shape[:2]
+    fig, axes = plt.subplots(n, k, figsize=(0.75 * k + 0.6, 0.8 * n), squeeze=False)
+    vmax = m.max() or 1.0
+    for c in range(n):
+        for col, f in enumerate(np.argsort(stat["rank"][c])):
+            ax = axes[c, col]
+            ax.imshow(m[c, f], cmap="inferno", vmin=0, vmax=vmax)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"f{f}", fontsize=6, pad=1)
+            if col == 0:
+                ax.set_ylabel(class_names[c], fontsize=8)
+    fig.suptitle(f"{layer}: class-mean map of each filter, ordered by rank (left = rank 1)", fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_feature_maps(image: np.ndarray, acts: np.ndarray, layer: str, path: str | Path, title: str = "") -> Path:
+    """The input and every filter's activation map of one layer."""
+    k = acts.shape[0]
+    cols = min(k + 1, 9)
+    rows = (k + 1 + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.5 * rows), squeeze=False)
+    axes = axes.ravel()
+    axes[0].imshow(image, cmap="gray")
+    axes[0].set_title("input", fontsize=8)
+    for i in range(k):
+        axes[i + 1].imshow(acts[i], cmap="viridis")
+        axes[i + 1].set_title(f"filter {i}", fontsize=7)
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title or f"{layer} feature maps", fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_all_digits(images: np.ndarray, acts: np.ndarray, layer: str, path: str | Path,
+                    class_names: list[str]) -> Path:
+    """Rows = one representative image per class; columns = input and every filter of ``layer``."""
+    n, k = acts.shape[:2]
+    fig, axes = plt.subplots(n, k + 1, figsize=(0.8 * (k + 1), 0.85 * n), squeeze=False)
+    for r in range(n):
+        axes[r, 0].imshow(images[r], cmap="gray")
+        axes[r, 0].set_ylabel(class_names[r], fontsize=8)
+        for f in range(k):
+            axes[r, f + 1].imshow(acts[r, f], cmap="viridis")
+            if r == 0:
+                axes[r, f + 1].set_title(f"f{f}", fontsize=6)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{layer}: activation maps for one test image of every class", fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_kernels(weights: np.ndarray, path: str | Path, layer: str = "l1") -> Path:
+    """First-layer kernels (K, 1, h, w) on a shared diverging scale."""
+    k = weights.shape[0]
+    fig, axes = plt.subplots(1, k, figsize=(1.2 * k, 1.5), squeeze=False)
+    vmax = np.abs(weights).max() or 1.0
+    for i in range(k):
+        axes[0, i].imshow(weights[i, 0], cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+        axes[0, i].set_title(f"f{i}", fontsize=8)
+        axes[0, i].axis("off")
+    fig.suptitle(f"{layer} kernels (red positive, blue negative)", fontsize=9)
+    return save_figure(fig, path)
