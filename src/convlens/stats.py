@@ -52,9 +52,9 @@ class LayerAccumulator:
         classes, k = self.sum_score.shape
         onehot = torch.zeros(classes, len(labels)).index_put_((labels, torch.arange(len(labels))), torch.tensor(1.0))
         self.sum_map += (onehot @ acts.flatten(1)).view_as(self.sum_map)
-        scores = acts.mean((2, 3))
-        self.sum_score += onehot @ scores
-        self.sum_score_sq += onehot.double() @ scores.double().pow(2)
+        scores = acts.double().mean((2, 3))
+        self.sum_score += onehot.double() @ scores
+        self.sum_score_sq += onehot.double() @ scores.pow(2)
         self.max.scatter_reduce_(0, labels[:, None].expand(-1, k), acts.amax((2, 3)).double(), "amax")
         peak, winner = acts.max(1)
         active = peak > 0
