@@ -126,6 +126,24 @@ def cmd_stats(a: argparse.Namespace) -> int:
     return 0
 
 
+@command
+def cmd_actmax(a: argparse.Namespace) -> int:
+    from .featvis.run import actmax
+    from .models import load_model
+
+    loaded = load_model(a.model)
+    pairs = [tuple(int(v) for v in p.split("+")) for p in a.pairs] if a.pairs else []
+    if any(len(p) != 2 for p in pairs):
+        raise ConvlensError("--pairs takes pairs like 1+7,4+9")
+    if a.channels and not a.layer:
+        raise ConvlensError("--channels needs --layer")
+    classes = a.classes if a.classes is not None else list(range(min(10, len(loaded.class_names))))
+    actmax(loaded, a.out, classes, a.tv_weights, pairs, a.layer, a.channels or ([] if not a.layer else list(range(9))),
+           a.steps, a.mode, a.seed, a.param, not a.quiet)
+    print(Path(a.out) / "actmax.json")
+    return 0
+
+
 def add_common(p: argparse.ArgumentParser, model_default: str | None = None, out: str | None = None) -> None:
     p.add_argument("--model", default=model_default,
                    help="'efficientnet-lite0', a training run folder or a checkpoint file")
@@ -182,6 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--correct-only", action="store_true", help="only correctly classified samples")
     p.add_argument("--layers", type=str_list, help="module paths (default l1,l2,l3)")
     p.add_argument("--limit", type=int, help="only the first N samples")
+
+    p = sub.add_parser("actmax", help="activation maximization: tv-weight sweep, pairs, channels")
+    add_common(p, DEFAULT_RUN, "convlens-out/actmax")
+    p.add_argument("--classes", type=int_list, help="e.g. 0-9 (default)")
+    p.add_argument("--tv-weights", type=float_list, default=[0.125, 0.25, 0.5, 1, 2, 4, 8, 16])
+    p.add_argument("--pairs", type=str_list, default=["1+7", "4+9", "0+1", "7+8"])
+    p.add_argument("--layer", help="conv layer for channel images")
+    p.add_argument("--channels", type=int_list, help="e.g. 0-8")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--mode", choices=["default", "kerasvis"], default="default")
+    p.add_argument("--param", choices=["pixel", "fourier"], default="pixel", help="fourier: colour models")
+    p.add_argument("--seed", type=int, default=0)
 
     for register in EXTRA_PARSERS:
         register(sub, DEFAULT_RUN)

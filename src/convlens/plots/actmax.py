@@ -1,0 +1,79 @@
+"""Activation-maximization figures."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from PIL import Image
+
+from ..io import save_figure, write_bytes
+
+
+def as_image(img: torch.Tensor) -> np.ndarray:
+    arr = img.detach().cpu().numpy()
+    return arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0)
+
+
+def show(ax, img: torch.Tensor) -> None:
+    arr = as_image(img)
+    ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None, vmin=0, vmax=1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_sweep(display, classes, tv_weights, chosen, probs, loaded, path: Path) -> Path:
+    rows, cols = len(tv_weights), len(classes)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.25 * cols + 0.8, 1.3 * rows), squeeze=False)
+    for i, w in enumerate(tv_weights):
+        for j, c in enumerate(classes):
+            ax = axes[i, j]
+            show(ax, display[i * cols + j])
+            ax.set_title(f"p={probs[i, j]:.2f}", fontsize=7, pad=2)
+            if i == 0:
+                ax.set_xlabel(loaded.class_names[c], fontsize=8)
+                ax.xaxis.set_label_position("top")
+            if j == 0:
+                ax.set_ylabel(f"tv {w:g}" + ("  ◀ chosen" if w == chosen else ""), fontsize=8,
+                              color="crimson" if w == chosen else "black")
+            if w == chosen:
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("crimson")
+                    spine.set_linewidth(2)
+    fig.suptitle("Activation maximization: rows = tv weight, columns = class "
+                 "(p = softmax probability of the target)", fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_row(display, labels, title, path: Path) -> Path:
+    n = len(labels)
+    fig, axes = plt.subplots(1, n, figsize=(1.5 * n, 1.9), squeeze=False)
+    for ax, img, label in zip(axes[0], display, labels):
+        show(ax, img)
+        ax.set_title(label, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_pair(img, record: dict, loaded, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(2.6, 2.9))
+    show(ax, img)
+    a, b = record["targets"]
+    pa, pb = record["target_probabilities"]
+    ax.set_title(f"{loaded.class_names[a]} & {loaded.class_names[b]} (tv {record['tv_weight']:g})\n"
+                 f"p({loaded.class_names[a]})={pa:.2f}  p({loaded.class_names[b]})={pb:.2f}", fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_image(img: torch.Tensor, loaded, path: Path) -> Path:
+    """One optimized image as a PNG at 4× (nearest) for small inputs."""
+    import io
+
+    arr = (np.clip(as_image(img), 0, 1) * 255).astype(np.uint8)
+    pil = Image.fromarray(arr)
+    if pil.width < 100:
+        pil = pil.resize((pil.width * 4, pil.height * 4), Image.NEAREST)
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG")
+    return write_bytes(path, buf.getvalue())
