@@ -144,6 +144,22 @@ def cmd_actmax(a: argparse.Namespace) -> int:
     return 0
 
 
+@command
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .evaluation.run import evaluate
+    from .models import load_model
+
+    summary = evaluate(load_model(a.model), a.out, a.methods, a.images, a.mnist_test, a.steps, a.sanity_images,
+                       not a.no_data_randomization, a.seed, not a.quiet)
+    rows = summary["table"]
+    print(f"{'method':<26}{'deletion':>9}{'insertion':>10}{'avg drop':>9}{'incr conf':>10}{'s/image':>9}")
+    for name, r in rows.items():
+        print(f"{name:<26}{r['deletion_auc']:>9.3f}{r['insertion_auc']:>10.3f}{r['average_drop']:>9.1f}"
+              f"{r['increase_in_confidence']:>10.1f}{r['seconds_per_image']:>9.3f}")
+    print(Path(a.out) / "evaluation.json")
+    return 0
+
+
 def add_common(p: argparse.ArgumentParser, model_default: str | None = None, out: str | None = None) -> None:
     p.add_argument("--model", default=model_default,
                    help="'efficientnet-lite0', a training run folder or a checkpoint file")
@@ -211,6 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--mode", choices=["default", "kerasvis"], default="default")
     p.add_argument("--param", choices=["pixel", "fourier"], default="pixel", help="fourier: colour models")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("evaluate", help="faithfulness: deletion/insertion, confidence drop, sanity checks")
+    add_common(p, DEFAULT_RUN, "convlens-out/evaluate")
+    p.add_argument("--methods", type=str_list, help="comma-separated, or 'all'")
+    p.add_argument("--images", nargs="+", help="image files or folders (default: MNIST test or the photos)")
+    p.add_argument("--mnist-test", type=int, default=100, help="first N MNIST test images (lab network)")
+    p.add_argument("--steps", type=int, help="perturbation steps per curve")
+    p.add_argument("--sanity-images", type=int, help="images for the sanity checks (0: skip)")
+    p.add_argument("--no-data-randomization", action="store_true", help="skip the random-label model")
     p.add_argument("--seed", type=int, default=0)
 
     for register in EXTRA_PARSERS:

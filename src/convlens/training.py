@@ -156,13 +156,15 @@ def checkpoint_dict(model, meta: dict, **extra) -> dict:
             "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}, "meta": meta, **extra}
 
 
-def prepare_data(seed: int, subset: int | None = None, data_dir: str | None = None):
+def prepare_data(seed: int, subset: int | None = None, data_dir: str | None = None, random_labels: bool = False):
     train = load_mnist("train", root=data_dir)
     test = load_mnist("test", root=data_dir)
     x, y = train.tensors()
     tr_idx, va_idx = train_val_split(len(x), VAL_SIZE, seed)
     if subset:
         tr_idx, va_idx = tr_idx[:subset], va_idx[:max(500, subset // 10)]
+    if random_labels:  # data-randomization test (Adebayo et al.): labels permuted, images kept
+        y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 1))]
     xt, yt = test.tensors()
     if subset:
         xt, yt = xt[:max(1000, subset // 5)], yt[:max(1000, subset // 5)]
@@ -170,15 +172,15 @@ def prepare_data(seed: int, subset: int | None = None, data_dir: str | None = No
 
 
 def train(out: str | Path, recipe: Recipe, seed: int = 0, resume: bool = False, progress: bool = True,
-          subset: int | None = None, data_dir: str | None = None) -> dict:
+          subset: int | None = None, data_dir: str | None = None, random_labels: bool = False) -> dict:
     """Train the lab network into ``out``; returns the test metrics. See module docstring."""
     out = ensure_dir(out)
     torch.manual_seed(seed)
-    (xtr, ytr), (xva, yva), (xte, yte) = prepare_data(seed, subset, data_dir)
+    (xtr, ytr), (xva, yva), (xte, yte) = prepare_data(seed, subset, data_dir, random_labels)
     mean, std = (float(xtr.mean()), float(xtr.std())) if recipe.standardize else (0.0, 1.0)
     model = LabNet(mean, std).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
-    meta = run_metadata(recipe, seed)
+    meta = {**run_metadata(recipe, seed), "random_labels": random_labels}
     history, start, best = [], 0, None
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.exists():

@@ -1,0 +1,112 @@
+"""Deletion / insertion curves (Petsiuk et al. 2018, RISE) and Average Drop / Increase in Confidence
+(Chattopadhay et al. 2018), batched over images and perturbation steps."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConvlensError
+
+
+def gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
+    ax = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    k = torch.exp(-ax ** 2 / (2 * sigma ** 2))
+    return k / k.sum()
+
+
+def blur(x: torch.Tensor, size: int = 11, sigma: float = 5.0) -> torch.Tensor:
+    """Separable Gaussian blur of a (N, C, H, W) batch (reflect padding)."""
+    k = gaussian_kernel(size, sigma).to(x)
+    c = x.shape[1]
+    pad = size // 2
+    mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
+    y = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode=mode), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(F.pad(y, (0, 0, pad, pad), mode=mode), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def make_baseline(x: torch.Tensor, kind: str | float) -> torch.Tensor:
+    if isinstance(kind, (int, float)):
+        return torch.full_like(x, float(kind))
+    if kind == "zero":
+        return torch.zeros_like(x)
+    if kind == "mean":
+        return x.mean((2, 3), keepdim=True).expand_as(x).clone()
+    if kind == "blur":
+        return blur(x)
+    raise ConvlensError(f"unknown baseline {kind!r}; use zero, mean, blur or a number")
+
+
+def auc(curve: torch.Tensor) -> torch.Tensor:
+    """Trapezoidal area under curves sampled at evenly spaced fractions 0…1 (last axis)."""
+    n = curve.shape[-1]
+    if n < 2:
+        raise ConvlensError("a curve needs at least two points")
+    return (curve[..., 1:] + curve[..., :-1]).sum(-1) / (2 * (n - 1))
+
+
+@dataclass
+class Curves:
+    deletion: torch.Tensor   # (N, steps + 1) target probability
+    insertion: torch.Tensor  # (N, steps + 1)
+    fractions: torch.Tensor  # (steps + 1,)
+
+    @property
+    def deletion_auc(self) -> torch.Tensor:
+        return auc(self.deletion)
+
+    @property
+    def insertion_auc(self) -> torch.Tensor:
+        return auc(self.insertion)
+
+
+def pixel_ranks(maps: torch.Tensor) -> torch.Tensor:
+    """Rank of every pixel (0 = most important), ties broken by position: (N, H·W)."""
+    order = torch.argsort(-maps.flatten(1), dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
+    return ranks
+
+
+@torch.no_grad()
+def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
+                       steps: int = 28, deletion_baseline="zero", insertion_baseline="blur",
+                       batch_size: int = 256) -> Curves:
+    """Target probability as the most important pixels are removed (deletion) or revealed (insertion).
+
+    Step t changes the ``t/steps`` most important fraction of pixels (all channels of a pixel).
+    """
+    if maps.shape[0] != x.shape[0] or maps.shape[-2:] != x.shape[-2:]:
+        raise ConvlensError(f"maps {tuple(maps.shape)} do not match inputs {tuple(x.shape)}")
+    n, _, h, w = x.shape
+    ranks = pixel_ranks(maps.to(x.device)).view(n, 1, h, w)
+    counts = torch.round(torch.linspace(0, h * w, steps + 1)).long().to(x.device)
+    del_base, ins_base = make_baseline(x, deletion_baseline), make_baseline(x, insertion_baseline)
+    t = targets.to(x.device).long()
+    curves = {}
+    for name, start, end in (("deletion", x, del_base), ("insertion", ins_base, x)):
+        probs = torch.empty(steps + 1, n)
+        per_chunk = max(1, batch_size // n)
+        for s0 in range(0, steps + 1, per_chunk):
+            cnt = counts[s0:s0 + per_chunk]
+            changed = ranks[None] < cnt.view(-1, 1, 1, 1, 1)  # (k, N, 1, H, W)
+            batch = torch.where(changed, end[None], start[None]).flatten(0, 1)
+            p = F.softmax(model(batch), dim=1).view(len(cnt), n, -1)
+            probs[s0:s0 + len(cnt)] = p.gather(2, t.view(1, n, 1).expand(len(cnt), n, 1))[..., 0].cpu()
+        curves[name] = probs.t().contiguous()
+    return Curves(curves["deletion"], curves["insertion"], counts.float().cpu() / (h * w))
+
+
+@torch.no_grad()
+def average_drop_increase(model: nn.Module, x: torch.Tensor, normalized_maps: torch.Tensor,
+                          targets: torch.Tensor) -> dict[str, float | list[float]]:
+    """Average Drop = mean(max(0, Y − O)/Y)·100 and Increase in Confidence = mean(O > Y)·100, where Y is
+    the target probability on the image and O on the image multiplied by its [0, 1] map."""
+    t = targets.to(x.device).long().view(-1, 1)
+    y = F.softmax(model(x), 1).gather(1, t)[:, 0]
+    o = F.softmax(model(x * normalized_maps[:, None].to(x)), 1).gather(1, t)[:, 0]
+    drop = (F.relu(y - o) / y.clamp_min(1e-12)) * 100
+    return {"average_drop": float(drop.mean()), "increase_in_confidence": float((o > y).float().mean() * 100),
+            "per_image_drop": drop.tolist()}

@@ -1,0 +1,148 @@
+"""`convlens evaluate`: a methods × metrics table, deletion/insertion curves, sanity checks."""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..attribution import METHODS, make_method
+from ..data.mnist import load_mnist
+from ..errors import ConvlensError
+from ..explain import SLOW_OPTIONS, load_batch
+from ..io import ensure_dir, write_json
+from ..models.efficientnet_lite import LITE0_STAGES
+from ..models.registry import LoadedModel, load_model
+from . import perturbation, sanity
+
+FAST_METHODS = ["gradcam", "gradcam++", "layercam", "xgradcam", "saliency", "guided-backprop", "deconvnet",
+                "guided-gradcam", "input-x-gradient", "integrated-gradients", "smoothgrad"]
+SANITY_METHODS = ["gradcam", "saliency", "guided-backprop", "guided-gradcam", "integrated-gradients"]
+
+
+def resolve_methods(names: list[str] | None, loaded: LoadedModel) -> list[str]:
+    if not names:
+        return FAST_METHODS + (["scorecam"] if loaded.kind == "mnist" else [])
+    if names == ["all"]:
+        return [m for m in METHODS if not (m == "cam" and loaded.kind == "mnist")]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown:
+        raise ConvlensError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    return names
+
+
+def method_options(name: str, loaded: LoadedModel) -> dict:
+    options = dict(SLOW_OPTIONS.get(name, {}))
+    if name == "smoothgrad":
+        options["samples"] = 16 if loaded.kind == "mnist" else 8
+    return options
+
+
+def compute_maps(loaded: LoadedModel, methods: list[str], x: torch.Tensor, targets: torch.Tensor, progress: bool):
+    maps, seconds = {}, {}
+    for name in tqdm(methods, desc="maps", disable=not progress, leave=False):
+        method = make_method(name, loaded.model, **method_options(name, loaded))
+        start = time.perf_counter()
+        maps[name] = method.attribute(x, targets)
+        seconds[name] = (time.perf_counter() - start) / len(x)
+    return maps, seconds
+
+
+def imagenet_sanity_groups(model) -> list:
+    """EfficientNet's ~20 parameter groups merged by stage, so a cascade has 10 steps."""
+    groups = sanity.randomization_groups(model)
+    merged: dict[str, list] = {}
+    stage_of = {}
+    index = 0
+    for s, (repeats, *_rest) in enumerate(LITE0_STAGES):
+        for _ in range(repeats):
+            stage_of[f"_blocks.{index}"] = f"stage{s + 1}"
+            index += 1
+    for name, modules in groups:
+        key = stage_of.get(name, "head" if name in ("_conv_head", "_bn1") else name)
+        merged.setdefault(key, []).extend(modules)
+    return list(merged.items())
+
+
+def random_label_model(loaded: LoadedModel, seed: int, progress: bool) -> LoadedModel:
+    """The lab network retrained briefly on permuted labels (the data-randomization test)."""
+    from ..training import make_recipe, train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        train(tmp, make_recipe("lab", epochs=3), seed=seed, progress=progress, subset=12000, random_labels=True)
+        return load_model(str(Path(tmp) / "model.pt"))
+
+
+def evaluate(loaded: LoadedModel, out, methods: list[str] | None = None, images=None, mnist_test: int = 100,
+             steps: int | None = None, sanity_images: int | None = None, data_randomization: bool = True,
+             seed: int = 0, progress: bool = True) -> dict:
+    out = ensure_dir(out)
+    methods = resolve_methods(methods, loaded)
+    if images:
+        batch = load_batch(images, loaded)
+        x, names = batch.x, [p.name for p in batch.paths]
+    elif loaded.kind == "mnist":
+        if mnist_test <= 0:
+            raise ConvlensError("--mnist-test must be positive")
+        x = load_mnist("test").tensors()[0][:mnist_test]
+        names = [f"test{i}" for i in range(len(x))]
+    else:
+        from ..data.images import sample_photo_paths
+        batch = load_batch(sample_photo_paths()[:5], loaded)
+        x, names = batch.x, [p.name for p in batch.paths]
+    with torch.no_grad():
+        targets = loaded.model(x).argmax(1)
+    timings = {}
+    start = time.perf_counter()
+    results, per_image_seconds = compute_maps(loaded, methods, x, targets, progress)
+    timings["maps"] = time.perf_counter() - start
+    steps = steps or (28 if loaded.kind == "mnist" else 16)
+    table, curves = {}, {}
+    start = time.perf_counter()
+    for name in tqdm(methods, desc="deletion/insertion", disable=not progress, leave=False):
+        maps = results[name].maps
+        c = perturbation.deletion_insertion(loaded.model, x, maps, targets, steps=steps)
+        adic = perturbation.average_drop_increase(loaded.model, x, results[name].normalized, targets)
+        table[name] = {"deletion_auc": float(c.deletion_auc.mean()), "insertion_auc": float(c.insertion_auc.mean()),
+                       "average_drop": adic["average_drop"], "increase_in_confidence": adic["increase_in_confidence"],
+                       "seconds_per_image": per_image_seconds[name]}
+        curves[name] = {"fractions": c.fractions.tolist(), "deletion_mean": c.deletion.mean(0).tolist(),
+                        "insertion_mean": c.insertion.mean(0).tolist(),
+                        "deletion_auc": table[name]["deletion_auc"], "insertion_auc": table[name]["insertion_auc"]}
+    timings["deletion_insertion"] = time.perf_counter() - start
+
+    from ..plots import evaluation as eplots
+    figures = {"metrics": eplots.plot_metric_table(table, out / "metrics.png").name,
+               "curves": eplots.plot_curves(curves, out / "deletion_insertion.png").name}
+    summary = {"model": loaded.name, "images": names, "targets": targets.tolist(), "methods": methods,
+               "steps": steps, "table": table, "curves": curves, "figures": figures}
+
+    k = sanity_images if sanity_images is not None else (16 if loaded.kind == "mnist" else 2)
+    if k > 0:
+        start = time.perf_counter()
+        sane = [m for m in SANITY_METHODS if m in methods] or methods[:3]
+        sane_methods = {m: make_method(m, loaded.model, **method_options(m, loaded)) for m in sane}
+        groups = imagenet_sanity_groups(loaded.model) if loaded.kind == "imagenet" else None
+        xs, ts = x[:k], targets[:k]
+        summary["sanity"] = {
+            "cascading": sanity.cascading_randomization(loaded.model, sane_methods, xs, ts, False, seed, groups),
+            "independent": sanity.cascading_randomization(loaded.model, sane_methods, xs, ts, True, seed, groups)}
+        figures["sanity_cascading"] = eplots.plot_sanity(summary["sanity"]["cascading"],
+                                                         out / "sanity_cascading.png").name
+        figures["sanity_independent"] = eplots.plot_sanity(summary["sanity"]["independent"],
+                                                           out / "sanity_independent.png").name
+        if data_randomization and loaded.kind == "mnist":
+            rand = random_label_model(loaded, seed, progress)
+            row = {}
+            for m in sane:
+                orig = sane_methods[m].attribute(xs, ts).maps
+                other = make_method(m, rand.model, **method_options(m, loaded)).attribute(xs, ts).maps
+                row[m] = sanity.similarity(orig, other)
+            summary["sanity"]["data_randomization"] = row
+        timings["sanity"] = time.perf_counter() - start
+    summary["seconds"] = timings
+    write_json(out / "evaluation.json", summary)
+    return summary
