@@ -160,6 +160,15 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+@command
+def cmd_lab(a: argparse.Namespace) -> int:
+    from .report.lab import LabOptions, run_lab
+
+    path = run_lab(LabOptions(Path(a.out), a.retrain, a.fast, a.seed, not a.quiet))
+    print(path.resolve())
+    return 0
+
+
 def add_common(p: argparse.ArgumentParser, model_default: str | None = None, out: str | None = None) -> None:
     p.add_argument("--model", default=model_default,
                    help="'efficientnet-lite0', a training run folder or a checkpoint file")
@@ -237,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="perturbation steps per curve")
     p.add_argument("--sanity-images", type=int, help="images for the sanity checks (0: skip)")
     p.add_argument("--no-data-randomization", action="store_true", help="skip the random-label model")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("lab", help="the whole PW-11 lab → a self-contained HTML report")
+    p.add_argument("--out", default="convlens-out/lab")
+    p.add_argument("--retrain", action="store_true", help="train again even if DIR/train has a model")
+    p.add_argument("--fast", action="store_true", help="tiny training and subsets (about a minute)")
     p.add_argument("--seed", type=int, default=0)
 
     for register in EXTRA_PARSERS:

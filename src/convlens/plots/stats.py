@@ -5,7 +5,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.colors import ListedColormap
+from PIL import Image
 
 from ..io import save_figure
 
@@ -121,29 +121,59 @@ def plot_class_probability(stats: dict[str, dict], path: str | Path, class_names
     return save_figure(fig, path)
 
 
-def plot_ranked_maps(stat: dict, layer: str, path: str | Path, class_names: list[str]) -> Path:
-    """Rows = classes, columns = rank; each cell the filter's class-mean map."""
-    m = stat["mean_map"]
-    n, k = m.shape[:2]
-    fig, axes = plt.subplots(n, k, figsize=(0.75 * k + 0.6, 0.8 * n), squeeze=False)
-    vmax = m.max() or 1.0
-    for c in range(n):
-        for col, f in enumerate(np.argsort(stat["rank"][c])):
-            ax = axes[c, col]
-            ax.imshow(m[c, f], cmap="inferno", vmin=0, vmax=vmax)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_title(f"f{f}", fontsize=6, pad=1)
-            if col == 0:
-                ax.set_ylabel(class_names[c], fontsize=8)
-    fig.suptitle(f"{layer}: class-mean map of each filter, ordered by rank (left = rank 1)", fontsize=9)
+def mosaic(tiles: np.ndarray, pad: int = 1, fill: float = np.nan) -> np.ndarray:
+    """(rows, cols, h, w) tiles → one (rows·(h+pad), cols·(w+pad)) array: one imshow instead of many axes."""
+    rows, cols, h, w = tiles.shape
+    out = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad), fill, dtype=float)
+    for r in range(rows):
+        for c in range(cols):
+            out[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = tiles[r, c]
+    return out
+
+
+def plot_mosaic(tiles: np.ndarray, row_labels: list[str], col_labels: list[str] | list[list[str]], title: str,
+                path: str | Path, cmap: str = "inferno", scale_rows: bool = False) -> Path:
+    """A labelled grid of small maps drawn as one image (fast for hundreds of tiles)."""
+    rows, cols, h, w = tiles.shape
+    if scale_rows:  # each tile scaled on its own row's maximum
+        peak = tiles.reshape(rows, -1).max(1)
+        tiles = tiles / np.where(peak > 0, peak, 1)[:, None, None, None]
+    big = mosaic(tiles, pad=max(1, h // 10))
+    fig, ax = plt.subplots(figsize=(min(0.62 * cols + 1.0, 18), 0.62 * rows + 0.9))
+    cm = plt.get_cmap(cmap).copy()
+    cm.set_bad("white")
+    ax.imshow(np.ma.masked_invalid(big), cmap=cm, interpolation="nearest")
+    step_y, step_x = big.shape[0] / rows, big.shape[1] / cols
+    ax.set_yticks([(r + 0.45) * step_y for r in range(rows)])
+    ax.set_yticklabels(row_labels, fontsize=8)
+    ax.set_xticks([(c + 0.45) * step_x for c in range(cols)])
+    ax.set_xticklabels(col_labels if isinstance(col_labels[0], str) else ["" for _ in range(cols)], fontsize=7)
+    if not isinstance(col_labels[0], str):  # per-tile labels (e.g. filter index per rank)
+        for r in range(rows):
+            for c in range(cols):
+                ax.text((c + 0.05) * step_x, (r + 0.05) * step_y, col_labels[r][c], color="white", fontsize=6,
+                        va="top")
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title(title, fontsize=9)
     return save_figure(fig, path)
+
+
+def plot_ranked_maps(stat: dict, layer: str, path: str | Path, class_names: list[str]) -> Path:
+    """Rows = classes, columns = rank; each cell the filter's class-mean map (label: filter index)."""
+    m = stat["mean_map"]
+    order = np.argsort(stat["rank"], axis=1)
+    tiles = np.stack([m[c, order[c]] for c in range(m.shape[0])])
+    labels = [[f"f{f}" for f in order[c]] for c in range(m.shape[0])]
+    return plot_mosaic(tiles / (m.max() or 1.0), class_names, labels,
+                       f"{layer}: class-mean map of each filter, ordered by rank (left = rank 1)", path)
 
 
 def plot_feature_maps(image: np.ndarray, acts: np.ndarray, layer: str, path: str | Path, title: str = "") -> Path:
     """The input and every filter's activation map of one layer."""
     k = acts.shape[0]
-    cols = min(k + 1, 9)
+    cols = min(k + 1, 10)
     rows = (k + 1 + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.5 * rows), squeeze=False)
     axes = axes.ravel()
@@ -160,21 +190,16 @@ def plot_feature_maps(image: np.ndarray, acts: np.ndarray, layer: str, path: str
 
 def plot_all_digits(images: np.ndarray, acts: np.ndarray, layer: str, path: str | Path,
                     class_names: list[str]) -> Path:
-    """Rows = one representative image per class; columns = input and every filter of ``layer``."""
-    n, k = acts.shape[:2]
-    fig, axes = plt.subplots(n, k + 1, figsize=(0.8 * (k + 1), 0.85 * n), squeeze=False)
-    for r in range(n):
-        axes[r, 0].imshow(images[r], cmap="gray")
-        axes[r, 0].set_ylabel(class_names[r], fontsize=8)
-        for f in range(k):
-            axes[r, f + 1].imshow(acts[r, f], cmap="viridis")
-            if r == 0:
-                axes[r, f + 1].set_title(f"f{f}", fontsize=6)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(f"{layer}: activation maps for one test image of every class", fontsize=9)
-    return save_figure(fig, path)
+    """Rows = one representative image per class; columns = the input, then every filter of ``layer``."""
+    n, k, h, w = acts.shape
+    peak = acts.reshape(n, -1).max(1)
+    scaled = acts / np.where(peak > 0, peak, 1)[:, None, None, None]
+    inputs = np.stack([np.asarray(Image.fromarray((img * 255).astype(np.uint8)).resize((w, h), Image.BILINEAR),
+                                  dtype=float) / 255 for img in images])
+    tiles = np.concatenate([inputs[:, None], scaled], axis=1)
+    return plot_mosaic(tiles, class_names, ["input"] + [f"f{i}" for i in range(k)],
+                       f"{layer}: activation maps for one test image of every class (each row scaled to its maximum)",
+                       path, cmap="viridis")
 
 
 def plot_kernels(weights: np.ndarray, path: str | Path, layer: str = "l1") -> Path:

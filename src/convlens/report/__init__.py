@@ -1,0 +1,1 @@
+"""`convlens lab`: the whole PW-11 lab, staged and cached, rendered as one self-contained HTML page."""

@@ -1,0 +1,218 @@
+"""Render the lab's results as one self-contained page (inline CSS, no scripts, images beside it)."""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import numpy as np
+
+from ..io import write_json, write_text
+from .lab import REPORT_SCORE
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2330;line-height:1.5}
+header{background:#1d2b4f;color:#fff;padding:28px 40px}header h1{margin:0;font-size:28px}header p{margin:6px 0 0;opacity:.85}
+nav{background:#fff;border-bottom:1px solid #dde1e8;padding:10px 40px;position:sticky;top:0}nav a{margin-right:18px;color:#1d4ed8;text-decoration:none;font-weight:600}
+main{max-width:1180px;margin:0 auto;padding:20px 40px 60px}section{background:#fff;border:1px solid #e3e6ec;border-radius:10px;padding:18px 26px;margin:22px 0}
+h2{margin-top:4px;border-bottom:2px solid #e7eaf0;padding-bottom:6px}h3{margin-bottom:6px}
+figure{margin:14px 0}figure img{max-width:100%;border:1px solid #e3e6ec;border-radius:6px;background:#fff}figcaption{font-size:14px;color:#4a5262;margin-top:4px}
+table{border-collapse:collapse;margin:10px 0;font-size:14px}th,td{border:1px solid #dde1e8;padding:4px 9px;text-align:left}th{background:#f0f2f6}
+td.num{text-align:right;font-variant-numeric:tabular-nums}.ok{color:#15803d;font-weight:600}.bad{color:#b91c1c;font-weight:600}
+.cards{display:flex;gap:14px;flex-wrap:wrap}.card{background:#f3f6fb;border-radius:8px;padding:10px 16px;min-width:150px}.card b{font-size:22px;display:block}
+.obs{background:#fffbea;border-left:4px solid #f0b429;padding:8px 14px;margin:10px 0}.grid2{display:grid;grid-template-columns:1fr 1fr;gap:12px}
+.note{font-size:13px;color:#5b6474}
+"""
+
+
+def esc(value) -> str:
+    return html.escape(str(value))
+
+
+def fig(src: str, caption: str) -> str:
+    return (f'<figure><img src="{esc(src)}" alt="{esc(caption[:80])}" loading="lazy">'
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
+def table(headers: list[str], rows: list[list], numeric: set[int] = frozenset()) -> str:
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>"
+                                    for i, c in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def confused_pairs(cm: np.ndarray, top: int = 3) -> list[tuple[int, int, int]]:
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:top]
+    return [(int(i // cm.shape[1]), int(i % cm.shape[1]), int(off.flat[i])) for i in order if off.flat[i] > 0]
+
+
+def section_exercise1(metrics: dict, history: list, ex1: dict) -> tuple[str, dict]:
+    cm = np.array(metrics["confusion_matrix"])
+    pairs = confused_pairs(cm)
+    acc, loss = metrics["test_accuracy"], metrics["test_loss"]
+    arch = table(["layer (type)", "output shape", "parameters"],
+                 [[f"{r['layer']} ({r['type']})", r["output_shape"], r["params"]] for r in ex1["summary_rows"]], {2})
+    total = sum(r["params"] for r in ex1["summary_rows"])
+    stats = ex1["stats"]
+    top_rows = []
+    for layer, info in stats["layers"].items():
+        for cls, entry in info["per_class"].items():
+            top_rows.append([layer, cls, ", ".join(f"f{k}" for k in entry["top_filters"]),
+                             f"{max(entry['score']):.3f}", f"f{int(np.argmax(entry['contrast']))}"])
+    figs = stats.get("figures", {})
+    fm = ex1["featuremaps"]
+    confusion_text = "; ".join(f"{t} read as {p} ({n}×)" for t, p, n in pairs) or "none"
+    body = f"""
+<section id="ex1"><h2>Exercise 1 — the MNIST network and its filter activation statistics</h2>
+<div class="cards"><div class="card">test accuracy<b>{acc:.4f}</b>report: {REPORT_SCORE['test_accuracy']}</div>
+<div class="card">test loss<b>{loss:.4f}</b>report: {REPORT_SCORE['test_loss']}</div>
+<div class="card">parameters<b>{total:,}</b>as in the report</div>
+<div class="card">epochs<b>{len(history)}</b>selected: {metrics.get('selected_epoch')}</div></div>
+<h3>Architecture</h3>{arch}
+{fig("train/learning_curves.png", f"Training and validation loss and accuracy by epoch; the epoch with the best validation accuracy ({metrics.get('selected_epoch')}) is kept. Test accuracy {acc:.4f} against the report's {REPORT_SCORE['test_accuracy']}.")}
+{fig("train/confusion_matrix.png", f"Confusion matrix on the {metrics['test_size']:,} test images (rows: true digit).")}
+<div class="obs">Most confused pairs: {esc(confusion_text)}.</div>
+<h3>Feature maps</h3>
+{"".join(fig("featuremaps/" + name, f"{esc(layer)}: every filter's activation for {esc(fm['input'])} (predicted {fm['predicted']}, p = {fm['probability']:.3f}).") for layer, name in fm['files']['single'].items())}
+{"".join(fig("featuremaps/" + name, f"{esc(layer)}: activation maps for one test image of every digit.") for layer, name in fm['files']['all_digits'].items())}
+{fig("featuremaps/" + fm['files']['kernels'], "The nine 5×5 kernels of l1.") if 'kernels' in fm['files'] else ''}
+<h3>Filter activation statistics</h3>
+<p class="note">The course's exact definition was never published; convlens computes a documented reconstruction
+(mean activation map per class and filter, its spatial mean as score, filters ranked per class). Statistics over
+{sum(stats['counts']):,} images of the {esc(stats['split'])} split, one streaming pass.</p>
+{fig("stats/" + figs['rank_overlay'], "Dominant filter per pixel, coloured by its rank for the class (red: rank 1, most important; blue: last). Rows: l1, l2, l3; columns: digits. l1 stays readable per digit, l3 is a coarse mosaic, as in the report.") if 'rank_overlay' in figs else ''}
+{fig("stats/" + figs['score_heatmaps'], "Mean activation (score) of every filter for every class.") if 'score_heatmaps' in figs else ''}
+{fig("stats/" + figs['class_probability'], "Second reading: per-pixel probability of the class given that its rank-1 filter is active there.") if 'class_probability' in figs else ''}
+{"".join(fig("stats/" + figs[f'ranked_maps_{l}'], f"Third reading, {esc(l)}: each filter's class-mean map, ordered by rank.") for l in stats['layers'] if f'ranked_maps_{l}' in figs)}
+{"".join(fig("stats/" + figs[f'score_bars_{l}'], f"{esc(l)}: filter scores sorted by rank for each class.") for l in stats['layers'] if f'score_bars_{l}' in figs)}
+<details><summary>Top filters of every class and layer</summary>{table(["layer", "class", "top 3 filters (by score)", "best score", "most class-specific filter (contrast)"], top_rows)}</details>
+</section>"""
+    key = {"test_accuracy": acc, "test_loss": loss, "parameters": total, "most_confused": pairs,
+           "top_filters": {layer: {cls: e["top_filters"] for cls, e in info["per_class"].items()}
+                           for layer, info in stats["layers"].items()}}
+    return body, key
+
+
+def section_exercise2(ex2: dict) -> tuple[str, dict]:
+    chosen = ex2["chosen_tv_weight"]
+    figs = ex2["figures"]
+    pair_rows = []
+    for rec in ex2["pairs"]:
+        a, b = rec["targets"]
+        ok = '<span class="ok">yes</span>' if rec.get("both_top2") else '<span class="bad">no</span>'
+        pair_rows.append([f"{a} & {b}", f"{rec['target_probabilities'][0]:.3f}", f"{rec['target_probabilities'][1]:.3f}",
+                          esc(", ".join(rec["top2"])), ok])
+    row = ex2["tv_weights"].index(chosen)
+    probs = ex2["probabilities"][row]
+    pair_figs = "".join(fig("actmax/" + figs[rec["name"]], f"{rec['targets'][0]} and {rec['targets'][1]} at once.")
+                        for rec in ex2["pairs"] if rec["name"] in figs)
+    body = f"""
+<section id="ex2"><h2>Exercise 2 — activation maximization</h2>
+<p>{len(ex2['classes'])} classes × {len(ex2['tv_weights'])} tv weights optimized together in one batch
+({ex2['steps']} steps, mode <code>{esc(ex2['mode'])}</code>, seed {ex2['seed']}) in {ex2['seconds']['sweep']:.1f} s.</p>
+{fig("actmax/" + figs['sweep'], f"Rows: tv weight; columns: class; p = softmax probability of the target. The chosen weight ({chosen:g}) is framed in red.")}
+<div class="obs">Chosen tv weight: <b>{chosen:g}</b> — {esc(ex2['choice'])}. Criterion: {esc(ex2['criterion'])}.
+At this weight the class images are classified as their target with probability {min(probs):.3f} to {max(probs):.3f}.</div>
+{fig("actmax/" + figs['chosen'], f"The ten class images at tv weight {chosen:g}.")}
+<h3>Two outputs at once</h3>
+{table(["pair", "p(first)", "p(second)", "top two classes", "both on top"], pair_rows, {1, 2})}
+<div class="grid2">{pair_figs}</div>
+</section>"""
+    return body, {"chosen_tv_weight": chosen, "class_probabilities_at_chosen": probs,
+                  "pairs": {f"{r['targets'][0]}+{r['targets'][1]}": r["target_probabilities"] for r in ex2["pairs"]}}
+
+
+def section_exercise3(ex3: dict) -> tuple[str, dict]:
+    rows = []
+    for r in ex3["predictions"]:
+        ok = "" if r["ok"] is None else ('<span class="ok">TRUE</span>' if r["ok"] else '<span class="bad">FALSE</span>')
+        rows.append([esc(r["image"]), esc(r["expected"] or "–"), esc(r["predicted"]), f"{r['probability']:.3f}", ok,
+                     esc(", ".join(f"{t['class']} {t['probability']:.2f}" for t in r["top"][1:3]))])
+    spill = ex3["spill_outside_centre"]
+    spilling = [name for name, v in spill.items() if v > 0.5]
+    per_photo = []
+    for r in ex3["predictions"]:
+        f = ex3["figures"][r["image"]]
+        cam_caption = (f"Grad-CAM (layer {esc(ex3['layers']['gradcam'])}); {spill[r['image']] * 100:.0f}% of its "
+                       "mass lies outside the central box.")
+        per_photo.append(f"<h3>{esc(r['image'])}: {esc(r['predicted'])} ({r['probability']:.2f})</h3>"
+                         f"<div class='grid2'>{fig('explain/' + f['overlays']['gradcam'], cam_caption)}"
+                         f"{fig('explain/' + f['overlays']['guided-gradcam'], 'Guided Grad-CAM as in the paper: guided backprop ⊙ Grad-CAM.')}</div>"
+                         f"{fig('explain/' + f['methods'], 'Every method side by side.')}")
+    spill_text = (", ".join(f"{esc(n)} ({spill[n] * 100:.0f}%)" for n in spilling) if spilling else "none")
+    seconds = ", ".join(f"{esc(k)} {v:.2f} s" for k, v in ex3["seconds"].items())
+    body = f"""
+<section id="ex3"><h2>Exercise 3 — class activation maps on EfficientNet-Lite0 (ImageNet)</h2>
+{table(["image", "expected", "predicted", "probability", "OK", "next two"], rows, {3})}
+<div class="obs">Photos whose Grad-CAM puts more than half of its mass outside the central quarter of the image
+(where the object usually is): {spill_text}. Time per method for the whole batch: {seconds}.</div>
+<p class="note">Guided backprop here applies the guided rule to every ReLU6 (gradient kept only where 0 &lt; x &lt; 6 and
+positive); libraries that only override nn.ReLU return the vanilla gradient on this network. The keras-vis
+"guided Grad-CAM" (Grad-CAM on guided gradients) is shown under its own name.</p>
+{"".join(per_photo)}
+</section>"""
+    return body, {"predictions": [{k: r[k] for k in ("image", "expected", "predicted", "probability", "ok")}
+                                  for r in ex3["predictions"]], "spill_outside_centre": spill}
+
+
+def section_faithfulness(faith: dict) -> tuple[str, dict]:
+    t = faith["table"]
+    rows = [[esc(m), f"{r['deletion_auc']:.3f}", f"{r['insertion_auc']:.3f}", f"{r['average_drop']:.1f}",
+             f"{r['increase_in_confidence']:.1f}", f"{r['seconds_per_image'] * 1000:.1f}"] for m, r in t.items()]
+    best_del = min(t, key=lambda m: t[m]["deletion_auc"])
+    best_ins = max(t, key=lambda m: t[m]["insertion_auc"])
+    figs = faith["figures"]
+    sanity_html, finding = "", ""
+    if "sanity" in faith:
+        last = faith["sanity"]["cascading"]["steps"][-1]
+        first = faith["sanity"]["cascading"]["steps"][0]
+        methods = [k for k in last if k != "randomized"]
+        finding = "; ".join(f"{esc(m)} ρ={first[m]['spearman_abs']:.2f} after the top layer, {last[m]['spearman_abs']:.2f} after all"
+                            for m in methods)
+        data_rand = faith["sanity"].get("data_randomization")
+        dr = ("; ".join(f"{esc(m)} ρ={v['spearman_abs']:.2f}" for m, v in data_rand.items()) if data_rand else "")
+        sanity_html = (fig("evaluate/" + figs["sanity_cascading"], "Cascading randomization (Adebayo et al. 2018): "
+                           "rank correlation of |map| and SSIM with the original, as the weights are re-initialized from the top layer down.")
+                       + fig("evaluate/" + figs["sanity_independent"], "Independent randomization: one layer at a time.")
+                       + f"<div class='obs'>Cascading randomization, Spearman ρ of |map| with the original: {finding}. "
+                       + (f"Model trained on permuted labels vs the real one: {dr}." if dr else "") + "</div>")
+    body = f"""
+<section id="faith"><h2>Faithfulness — which map should you trust?</h2>
+<p>{len(faith['images'])} MNIST test images, target = predicted class. Deletion/insertion (RISE protocol, {faith['steps']} steps,
+zero baseline for deletion, blurred image for insertion) and Average Drop / Increase in Confidence (Grad-CAM++ protocol).</p>
+{table(["method", "deletion AUC ↓", "insertion AUC ↑", "Average Drop % ↓", "Increase in Confidence % ↑", "ms / image"], rows, {1, 2, 3, 4, 5})}
+<div class="obs">Lowest deletion AUC: <b>{esc(best_del)}</b>; highest insertion AUC: <b>{esc(best_ins)}</b>.</div>
+{fig("evaluate/" + figs['metrics'], "The table as bars.")}
+{fig("evaluate/" + figs['curves'], "Mean deletion and insertion curves per method.")}
+{sanity_html}
+</section>"""
+    return body, {"table": t, "best_deletion": best_del, "best_insertion": best_ins}
+
+
+def section_record(record: dict) -> str:
+    rows = [[esc(k), f"{v['seconds']:.1f}", "cached" if v.get("cached") else ""] for k, v in record["timings"].items()]
+    info = ", ".join(f"{k} {esc(record[k])}" for k in ("convlens", "torch", "numpy", "matplotlib", "python"))
+    return f"""
+<section id="record"><h2>Run record</h2>
+<p>{info}. Machine: {esc(record['machine'])}, {record['threads']} torch threads. Seed {record['seed']}{' (fast mode)' if record['fast'] else ''}. {esc(record['date'])}.</p>
+{table(["stage", "seconds", ""], rows, {1})}
+</section>"""
+
+
+def render_report(out: Path, metrics, history, ex1, ex2, ex3, faith, record) -> Path:
+    s1, k1 = section_exercise1(metrics, history, ex1)
+    s2, k2 = section_exercise2(ex2)
+    s3, k3 = section_exercise3(ex3)
+    s4, k4 = section_faithfulness(faith)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>convlens — PW-11 lab report</title><style>{CSS}</style></head>
+<body><header><h1>Understanding a CNN — the PW-11 lab, reproduced by convlens</h1>
+<p>Filter activation statistics, activation maximization and class activation maps, measured and explained.</p></header>
+<nav><a href="#ex1">1 · Statistics</a><a href="#ex2">2 · Activation maximization</a><a href="#ex3">3 · Class activation maps</a><a href="#faith">Faithfulness</a><a href="#record">Run record</a></nav>
+<main>{s1}{s2}{s3}{s4}{section_record(record)}</main></body></html>
+"""
+    summary = {"exercise1": k1, "exercise2": k2, "exercise3": k3, "faithfulness": k4, "run": record}
+    write_json(out / "summary.json", summary)
+    return write_text(out / "index.html", page)

@@ -1,0 +1,195 @@
+"""The lab pipeline: stages run in order, each cached in its own folder of the output directory.
+
+A stage is reused when its folder holds ``stage.json`` with the same key (stage options and the
+SHA-256 of the trained model); an interrupted run starts again where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..errors import ConvlensError
+from ..io import ensure_dir, read_json, write_json
+
+REPORT_SCORE = {"test_loss": 0.0649, "test_accuracy": 0.9792}
+LAB_EXPLAIN_METHODS = ["gradcam", "guided-gradcam", "kerasvis-guided-gradcam", "gradcam++", "layercam",
+                       "xgradcam", "saliency", "guided-backprop"]
+
+
+@dataclass
+class LabOptions:
+    out: Path
+    retrain: bool = False
+    fast: bool = False
+    seed: int = 0
+    progress: bool = True
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def run_stage(opts: LabOptions, name: str, key: dict, work: Callable[[Path], dict], timings: dict) -> dict:
+    """Run ``work(folder)`` unless the folder already holds a result for the same key."""
+    folder = ensure_dir(opts.out / name)
+    marker = folder / "stage.json"
+    if marker.exists():
+        try:
+            cached = json.loads(marker.read_text("utf-8"))
+            if cached.get("key") == key:
+                timings[name] = {"seconds": 0.0, "cached": True, "original_seconds": cached.get("seconds")}
+                return cached["result"]
+        except (OSError, ValueError):
+            pass  # a damaged marker: run the stage again
+    start = time.perf_counter()
+    result = work(folder)
+    seconds = time.perf_counter() - start
+    write_json(marker, {"key": key, "seconds": seconds, "result": result})
+    timings[name] = {"seconds": seconds, "cached": False}
+    return result
+
+
+def stage_train(opts: LabOptions, timings: dict) -> tuple[dict, str]:
+    from ..training import make_recipe, train
+
+    folder = opts.out / "train"
+    model_path = folder / "model.pt"
+    key = {"seed": opts.seed, "fast": opts.fast}
+    if opts.retrain and (folder / "stage.json").exists():
+        (folder / "stage.json").unlink()
+    if opts.retrain and (folder / "checkpoint.pt").exists():
+        (folder / "checkpoint.pt").unlink()
+
+    def work(dest: Path) -> dict:
+        recipe = make_recipe("best", epochs=2 if opts.fast else None)
+        return train(dest, recipe, seed=opts.seed, resume=True, progress=opts.progress,
+                     subset=4000 if opts.fast else None)
+
+    metrics = run_stage(opts, "train", key, work, timings)
+    if not model_path.exists():
+        raise ConvlensError(f"{model_path} is missing; run again with --retrain")
+    return metrics, file_digest(model_path)
+
+
+def stage_exercise1(opts: LabOptions, model_key: str, timings: dict) -> dict:
+    from ..analysis import featuremaps, statistics
+    from ..models import load_model, summary_rows
+
+    loaded = load_model(str(opts.out / "train"))
+    key = {"model": model_key, "fast": opts.fast}
+    fm = run_stage(opts, "featuremaps", key, lambda d: featuremaps(loaded, d, digit=7), timings)
+    st = run_stage(opts, "stats", key, lambda d: statistics(loaded, d, limit=1000 if opts.fast else None,
+                                                             progress=opts.progress), timings)
+    return {"summary_rows": summary_rows(loaded.model), "featuremaps": fm, "stats": st}
+
+
+def stage_exercise2(opts: LabOptions, model_key: str, timings: dict) -> dict:
+    from ..featvis.run import actmax
+    from ..models import load_model
+
+    loaded = load_model(str(opts.out / "train"))
+    steps = 30 if opts.fast else 200
+    return run_stage(opts, "actmax", {"model": model_key, "steps": steps, "seed": opts.seed},
+                     lambda d: actmax(loaded, d, steps=steps, seed=opts.seed, progress=opts.progress), timings)
+
+
+def spill_fraction(maps: np.ndarray, centre: float = 0.5) -> float:
+    """Share of a normalized map's mass outside the central box covering ``centre`` of each side."""
+    h, w = maps.shape
+    top, left = int(h * (1 - centre) / 2), int(w * (1 - centre) / 2)
+    total = float(maps.sum())
+    inside = float(maps[top:h - top, left:w - left].sum())
+    return 0.0 if total <= 0 else 1.0 - inside / total
+
+
+def stage_exercise3(opts: LabOptions, timings: dict) -> dict:
+    from ..data.images import sample_photo_paths
+    from ..explain import explain
+    from ..models import load_model
+
+    photos = sample_photo_paths()[2:3] if opts.fast else sample_photo_paths()
+
+    def work(folder: Path) -> dict:
+        loaded = load_model("efficientnet-lite0")
+        summary = explain(loaded, photos, folder, LAB_EXPLAIN_METHODS, progress=opts.progress)
+        spill = {}
+        for p in photos:
+            data = np.load(folder / f"{p.stem}_maps.npz")
+            cam = data["gradcam_map"]
+            span = cam.max() - cam.min()
+            spill[p.name] = spill_fraction((cam - cam.min()) / span if span > 0 else np.zeros_like(cam))
+        summary["spill_outside_centre"] = spill
+        return summary
+
+    return run_stage(opts, "explain", {"photos": [p.name for p in photos], "methods": LAB_EXPLAIN_METHODS},
+                     work, timings)
+
+
+def stage_faithfulness(opts: LabOptions, model_key: str, timings: dict) -> dict:
+    from ..evaluation.run import evaluate
+    from ..models import load_model
+
+    loaded = load_model(str(opts.out / "train"))
+    n, sanity_n = (20, 3) if opts.fast else (100, 8)
+    return run_stage(opts, "evaluate", {"model": model_key, "n": n, "sanity": sanity_n, "seed": opts.seed},
+                     lambda d: evaluate(loaded, d, mnist_test=n, sanity_images=sanity_n,
+                                        data_randomization=not opts.fast, seed=opts.seed, progress=opts.progress),
+                     timings)
+
+
+def run_record(opts: LabOptions, timings: dict) -> dict:
+    import matplotlib
+    return {"convlens": __version__, "torch": str(torch.__version__), "numpy": np.__version__,
+            "matplotlib": matplotlib.__version__, "python": platform.python_version(),
+            "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+            "threads": torch.get_num_threads(), "seed": opts.seed, "fast": opts.fast, "timings": timings,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def run_lab(opts: LabOptions) -> Path:
+    """All stages, then ``index.html`` and ``summary.json``; returns the report's path."""
+    from tqdm import tqdm
+
+    from .html import render_report
+
+    opts.out = ensure_dir(opts.out)
+    timings: dict = {}
+    start = time.perf_counter()
+    bar = tqdm(total=6, desc="lab", unit="stage", disable=not opts.progress)
+
+    def step(label: str):
+        bar.set_description(f"lab: {label}")
+
+    step("training")
+    metrics, model_key = stage_train(opts, timings)
+    bar.update()
+    step("feature maps and filter statistics")
+    ex1 = stage_exercise1(opts, model_key, timings)
+    bar.update()
+    step("activation maximization")
+    ex2 = stage_exercise2(opts, model_key, timings)
+    bar.update()
+    step("class activation maps (EfficientNet-Lite0)")
+    ex3 = stage_exercise3(opts, timings)
+    bar.update()
+    step("faithfulness")
+    faith = stage_faithfulness(opts, model_key, timings)
+    bar.update()
+    step("report")
+    history = read_json(opts.out / "train" / "history.json")
+    timings["total"] = {"seconds": time.perf_counter() - start}
+    record = run_record(opts, timings)
+    path = render_report(opts.out, metrics, history, ex1, ex2, ex3, faith, record)
+    bar.update()
+    bar.close()
+    return path
