@@ -24,8 +24,12 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)
+	test -f convlens-out/lab/train/model.pt || $(BIN)/convlens lab --out convlens-out/lab --quiet
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/stats.py --model convlens-out/lab/train
+	$(BIN)/python bench/actmax.py --model convlens-out/lab/train
 	$(BIN)/python bench/attribution.py
+	$(BIN)/python bench/evaluate.py --model convlens-out/lab/train
 
 clean:
 	rm -rf $(VENV) convlens-out
