@@ -145,8 +145,8 @@ def section_exercise3(ex3: dict) -> tuple[str, dict]:
     body = f"""
 <section id="ex3"><h2>Exercise 3 — class activation maps on EfficientNet-Lite0 (ImageNet)</h2>
 {table(["image", "expected", "predicted", "probability", "OK", "next two"], rows, {3})}
-<div class="obs">Photos whose Grad-CAM puts more than half of its mass outside the central quarter of the image
-(where the object usually is): {spill_text}. Time per method for the whole batch: {seconds}.</div>
+<div class="obs">Photos whose Grad-CAM puts more than half of its mass outside the central box (2/3 of each side,
+44 % of the area, where the object usually is): {spill_text}. Time per method for the whole batch: {seconds}.</div>
 <p class="note">Guided backprop here applies the guided rule to every ReLU6 (gradient kept only where 0 &lt; x &lt; 6 and
 positive); libraries that only override nn.ReLU return the vanilla gradient on this network. The keras-vis
 "guided Grad-CAM" (Grad-CAM on guided gradients) is shown under its own name.</p>
