@@ -18,6 +18,7 @@ from tqdm import tqdm
 from .attribution import CAM_METHODS, make_method
 from .data.images import expand_image_paths, open_image, package_photos_dir
 from .errors import ConvlensError
+from .hooks import resolve_layer
 from .io import ensure_dir, save_npz, write_json
 from .models.registry import LoadedModel
 
@@ -131,6 +132,8 @@ def explain(loaded: LoadedModel, items, out: str | Path, methods: list[str] | No
     methods = methods or DEFAULT_METHODS
     for name in methods:
         make_method(name, loaded.model)  # validate names before any work
+    if layer is not None:
+        resolve_layer(loaded.model, layer)
     batch = load_batch(items, loaded)
     target_index = parse_target(target, loaded)
     probs = predict(loaded, batch.x)

@@ -41,8 +41,9 @@ def resolve_layer(model: nn.Module, name: str | nn.Module) -> tuple[str, nn.Modu
                 return path, mod
         raise ConvlensError("the given layer module is not part of the model")
     if name not in modules:
-        available = ", ".join(list(modules)[:60]) + (" …" if len(modules) > 60 else "")
-        raise ConvlensError(f"unknown layer {name!r}; available layers: {available}")
+        shown = list(modules) if len(modules) <= 60 else [n for n in modules if n.count(".") <= 1]
+        more = f" (and {len(modules) - len(shown)} deeper modules)" if len(shown) < len(modules) else ""
+        raise ConvlensError(f"unknown layer {name!r}; available layers: {', '.join(shown)}{more}")
     return name, modules[name]
 
 
