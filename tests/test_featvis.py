@@ -96,3 +96,25 @@ def test_actmax_cli(trained_run, tmp_path):
     (["--layer", "l2", "--channels", "40"], "channel out of range")])
 def test_actmax_bad_input(trained_run, tmp_path, args, fragment):
     assert_clean_error(run_cli("actmax", "--model", trained_run, "--out", tmp_path, *args), fragment)
+
+
+def test_actmax_on_efficientnet_with_fourier_colour(tmp_path):
+    proc = run_cli("actmax", "--model", "efficientnet-lite0", "--out", tmp_path, "--classes", "967",
+                   "--tv-weights", "0.5", "--pairs", "", "--steps", "4", "--param", "fourier", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "actmax.json").read_text())
+    rec = summary["images"][0]
+    assert rec["objective"] == "logit[967]" and 0 <= rec["target_probabilities"][0] <= 1
+    from PIL import Image
+    with Image.open(tmp_path / rec["image"]) as img:
+        assert img.size == (224, 224) and img.mode == "RGB"
+
+
+def test_fourier_param_gives_valid_colour_images():
+    from convlens.featvis.param import FourierColorParam
+
+    p = FourierColorParam(2, (16, 20), torch.Generator().manual_seed(0))
+    img = p.image()
+    assert img.shape == (2, 3, 16, 20) and float(img.min()) >= 0 and float(img.max()) <= 1
+    img.sum().backward()
+    assert p.spectrum.grad is not None and torch.isfinite(p.spectrum.grad).all()

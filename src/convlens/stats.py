@@ -52,14 +52,15 @@ class LayerAccumulator:
         classes, k = self.sum_score.shape
         onehot = torch.zeros(classes, len(labels)).index_put_((labels, torch.arange(len(labels))), torch.tensor(1.0))
         self.sum_map += (onehot @ acts.flatten(1)).view_as(self.sum_map)
-        scores = acts.double().mean((2, 3))
+        scores = acts.mean((2, 3)).double()
         self.sum_score += onehot.double() @ scores
         self.sum_score_sq += onehot.double() @ scores.pow(2)
         self.max.scatter_reduce_(0, labels[:, None].expand(-1, k), acts.amax((2, 3)).double(), "amax")
         peak, winner = acts.max(1)
         active = peak > 0
-        flat = (labels[:, None, None] * k + winner)[active]
-        self.wins += torch.bincount(flat, minlength=classes * k).view(classes, k)
+        slot = (labels[:, None, None] * k + winner).flatten()  # weights instead of a mask: no gather
+        self.wins += torch.bincount(slot, weights=active.flatten().double(), minlength=classes * k).view(
+            classes, k).long()
         self.active_pixels += torch.bincount(labels, weights=active.flatten(1).sum(1).double(),
                                              minlength=classes).long()
 
