@@ -20,12 +20,15 @@ Outputs = dict[str, torch.Tensor]
 class Objective:
     """A per-sample quantity to maximize; ``layers`` lists the module paths it reads ('' = logits)."""
 
-    __slots__ = ("fn", "layers", "description")
+    __slots__ = ("fn", "layers", "description", "linear")
 
-    def __init__(self, fn: Callable[[Outputs], torch.Tensor], layers: frozenset[str], description: str):
+    def __init__(self, fn: Callable[[Outputs], torch.Tensor], layers: frozenset[str], description: str,
+                 linear: dict[int, float] | None = None):
         object.__setattr__(self, "fn", fn)
         object.__setattr__(self, "layers", frozenset(layers))
         object.__setattr__(self, "description", description)
+        # {class: coefficient} when the objective is a linear combination of logits (a fast path)
+        object.__setattr__(self, "linear", linear)
 
     def __setattr__(self, *_):
         raise AttributeError("objectives are immutable")
@@ -37,13 +40,15 @@ class Objective:
         if not isinstance(other, Objective):
             return NotImplemented
         a, b = self.fn, other.fn
-        return Objective(lambda o: a(o) + b(o), self.layers | other.layers, f"{self} + {other}")
+        return Objective(lambda o: a(o) + b(o), self.layers | other.layers, f"{self} + {other}",
+                         combine_linear(self.linear, other.linear, 1.0))
 
     def __sub__(self, other: "Objective") -> "Objective":
         if not isinstance(other, Objective):
             return NotImplemented
         a, b = self.fn, other.fn
-        return Objective(lambda o: a(o) - b(o), self.layers | other.layers, f"{self} - ({other})")
+        return Objective(lambda o: a(o) - b(o), self.layers | other.layers, f"{self} - ({other})",
+                         combine_linear(self.linear, other.linear, -1.0))
 
     def __mul__(self, scale: float) -> "Objective":
         if isinstance(scale, Objective) or not isinstance(scale, (int, float)):
@@ -51,7 +56,8 @@ class Objective:
         if not math.isfinite(scale):
             raise ConvlensError(f"objective scale must be finite, got {scale}")
         a = self.fn
-        return Objective(lambda o: scale * a(o), self.layers, f"{scale:g}·({self})")
+        linear = None if self.linear is None else {c: scale * w for c, w in self.linear.items()}
+        return Objective(lambda o: scale * a(o), self.layers, f"{scale:g}·({self})", linear)
 
     __rmul__ = __mul__
 
@@ -70,9 +76,18 @@ class Objective:
         return isinstance(other, Objective) and other.description == self.description
 
 
+def combine_linear(a: dict | None, b: dict | None, sign: float) -> dict | None:
+    if a is None or b is None:
+        return None
+    out = dict(a)
+    for c, w in b.items():
+        out[c] = out.get(c, 0.0) + sign * w
+    return out
+
+
 def class_logit(index: int) -> Objective:
     """The pre-softmax score of class ``index`` (a softmax can rise by lowering other classes)."""
-    return Objective(lambda o: o[LOGITS][:, index], frozenset({LOGITS}), f"logit[{index}]")
+    return Objective(lambda o: o[LOGITS][:, index], frozenset({LOGITS}), f"logit[{index}]", {index: 1.0})
 
 
 def class_log_probability(index: int) -> Objective:
