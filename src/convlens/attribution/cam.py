@@ -14,6 +14,7 @@ from torch import nn
 
 from ..errors import ConvlensError
 from ..hooks import auto_layer, capture, frozen, relu_rule, resolve_layer
+from ..runtime import channels_last_weights
 from .base import Attribution, Method, check_input, target_scores, upsample
 
 
@@ -26,16 +27,22 @@ class CamMethod(Method):
     relu_rule: str | None = None
 
     def layer_name(self, x: torch.Tensor) -> str:
-        if self.layer is None:
-            return auto_layer(self.model, x, kerasvis=self.kerasvis_layer)
-        return resolve_layer(self.model, self.layer)[0]
+        """The given layer, or the automatic choice (found once per input shape, then reused)."""
+        if self.layer is not None:
+            return resolve_layer(self.model, self.layer)[0]
+        cache = self.__dict__.setdefault("_auto_layers", {})
+        key = tuple(x.shape[1:])
+        if key not in cache:
+            cache[key] = auto_layer(self.model, x, kerasvis=self.kerasvis_layer)
+        return cache[key]
 
     def layer_pass(self, x: torch.Tensor, target, layer: str):
         """Activations, their gradients (or None), the explained scores and the targets."""
         rule = relu_rule(self.relu_rule) if self.relu_rule else contextlib.nullcontext()
-        with frozen(self.model), capture(self.model, [layer], cut=True) as kept, rule:
+        with frozen(self.model), channels_last_weights(self.model), capture(self.model, [layer], cut=True) as kept, \
+                rule:
             with torch.set_grad_enabled(self.needs_grad):
-                scores = self.scores(x)
+                scores = self.scores(x.contiguous(memory_format=torch.channels_last))
                 explained, targets = target_scores(scores, target)
             acts = kept[layer]
             if acts.dim() != 4:
@@ -167,14 +174,15 @@ class CAM(CamMethod):
 class ScoreCAM(CamMethod):
     """Wang et al. 2020: α_k = softmax(f(X ⊙ minmax(upsample(A_k))))_c; ReLU(Σ α_k A_k).
 
-    Masked forwards run in batches of ``batch_size``. A channel whose activation is all zero
+    Masked forwards run in batches of ``batch_size`` (8 was fastest on a 2-core CPU), channels-last, in
+    inference mode. A channel whose activation is all zero
     adds α_k·0 whatever α_k is, so it is skipped: exact, and often half the channels.
     """
 
     name = "scorecam"
     needs_grad = False
 
-    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", batch_size: int = 32):
+    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", batch_size: int = 8):
         super().__init__(model, layer, output_selector, interpolation)
         if batch_size <= 0:
             raise ConvlensError("Score-CAM batch size must be positive")
@@ -183,7 +191,7 @@ class ScoreCAM(CamMethod):
     def weights(self, acts, grads, explained, targets, x, layer):
         n, k = acts.shape[:2]
         alpha = torch.zeros(n, k, dtype=acts.dtype, device=acts.device)
-        with torch.no_grad():
+        with torch.inference_mode(), channels_last_weights(self.model):
             for i in range(n):
                 alpha[i] = self.sample_weights(acts[i], x[i], int(targets[i]))
         return alpha
@@ -200,7 +208,8 @@ class ScoreCAM(CamMethod):
             span = hi - lo
             masks = torch.where(span > 0, (masks - lo) / torch.where(span > 0, span, torch.ones_like(span)),
                                 torch.zeros_like(masks))
-            probs = F.softmax(self.scores(image[None] * masks[:, None]), dim=1)
+            masked = (image[None] * masks[:, None]).contiguous(memory_format=torch.channels_last)
+            probs = F.softmax(self.scores(masked), dim=1)
             alpha[idx] = probs[:, target]
         return alpha
 

@@ -7,6 +7,7 @@ import torch
 
 from ..errors import ConvlensError
 from ..hooks import frozen, relu_rule
+from ..runtime import channels_last_weights
 from .base import Attribution, Method, check_input, target_scores, upsample
 from .cam import GradCAM
 
@@ -37,11 +38,11 @@ class GradientMethod(Method):
     def input_gradients(self, x: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(∂score/∂x, explained scores, targets) with parameters frozen."""
         rule = relu_rule(self.rule) if self.rule else contextlib.nullcontext()
-        x = x.detach().requires_grad_(True)
-        with frozen(self.model), rule, torch.enable_grad():
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        with frozen(self.model), channels_last_weights(self.model), rule, torch.enable_grad():
             explained, targets = target_scores(self.scores(x), target)
             grad = torch.autograd.grad(explained.sum(), x)[0]
-        return grad, explained.detach(), targets
+        return grad.contiguous(), explained.detach(), targets
 
     def raw_map(self, x: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor]:
         grad, _, targets = self.input_gradients(x, target)

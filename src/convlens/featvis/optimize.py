@@ -12,10 +12,9 @@ Two modes:
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from ..errors import ConvlensError
 from ..hooks import capture, frozen
+from ..runtime import channels_last_weights
 from .objectives import LOGITS, Objective
 from .param import FourierColorParam, PixelParam, jitter, rotate_scale
 from .regularizers import l2_decay, lp_norm, total_variation
@@ -105,21 +105,6 @@ class Evaluator:
         values = torch.zeros(self.n, dtype=logits.dtype).index_put((torch.cat([r for r, _ in parts]),),
                                                                     torch.cat([v for _, v in parts]))
         return values, logits
-
-
-@contextlib.contextmanager
-def channels_last_weights(model: nn.Module) -> Iterator[None]:
-    """Conv weights in channels-last layout for the duration (same values; ~25 % faster on CPU here),
-    restored to their own layout afterwards."""
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    saved = [m.weight.data for m in convs]
-    try:
-        for m in convs:
-            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
-        yield
-    finally:
-        for m, weight in zip(convs, saved):
-            m.weight.data = weight
 
 
 def check_config(cfg: ActMaxConfig) -> None:
