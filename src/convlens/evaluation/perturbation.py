@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConvlensError
+from ..runtime import channels_last_weights
 
 
 def gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
@@ -85,18 +86,25 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, ta
     counts = torch.round(torch.linspace(0, h * w, steps + 1)).long().to(x.device)
     del_base, ins_base = make_baseline(x, deletion_baseline), make_baseline(x, insertion_baseline)
     t = targets.to(x.device).long()
-    curves = {}
-    for name, start, end in (("deletion", x, del_base), ("insertion", ins_base, x)):
-        probs = torch.empty(steps + 1, n)
-        per_chunk = max(1, batch_size // n)
-        for s0 in range(0, steps + 1, per_chunk):
-            cnt = counts[s0:s0 + per_chunk]
-            changed = ranks[None] < cnt.view(-1, 1, 1, 1, 1)  # (k, N, 1, H, W)
-            batch = torch.where(changed, end[None], start[None]).flatten(0, 1)
-            p = F.softmax(model(batch), dim=1).view(len(cnt), n, -1)
-            probs[s0:s0 + len(cnt)] = p.gather(2, t.view(1, n, 1).expand(len(cnt), n, 1))[..., 0].cpu()
-        curves[name] = probs.t().contiguous()
+    with channels_last_weights(model):
+        curves = {name: perturbed_probabilities(model, start, end, ranks, counts, t, batch_size)
+                  for name, start, end in (("deletion", x, del_base), ("insertion", ins_base, x))}
     return Curves(curves["deletion"], curves["insertion"], counts.float().cpu() / (h * w))
+
+
+def perturbed_probabilities(model: nn.Module, start: torch.Tensor, end: torch.Tensor, ranks: torch.Tensor,
+                            counts: torch.Tensor, t: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(N, steps + 1) target probability when the ``counts[s]`` top-ranked pixels of ``start`` come from ``end``."""
+    n = start.shape[0]
+    probs = torch.empty(len(counts), n)
+    per_chunk = max(1, batch_size // n)
+    for s0 in range(0, len(counts), per_chunk):
+        cnt = counts[s0:s0 + per_chunk]
+        changed = ranks[None] < cnt.view(-1, 1, 1, 1, 1)  # (k, N, 1, H, W)
+        batch = torch.where(changed, end[None], start[None]).flatten(0, 1)
+        p = F.softmax(model(batch.contiguous(memory_format=torch.channels_last)), dim=1).view(len(cnt), n, -1)
+        probs[s0:s0 + len(cnt)] = p.gather(2, t.view(1, n, 1).expand(len(cnt), n, 1))[..., 0].cpu()
+    return probs.t().contiguous()
 
 
 @torch.no_grad()
