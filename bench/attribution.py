@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--no-scorecam", action="store_true")
     args = ap.parse_args()
     setup(args.threads)
-    from captum.attr import GuidedBackprop, LayerGradCam, Saliency
+    from captum.attr import GuidedBackprop, LayerGradCam
 
     loaded = load_model("efficientnet-lite0")
     model = loaded.model

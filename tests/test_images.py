@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from convlens.data.images import (expand_image_paths, imagenet_deprocess, imagenet_preprocess, mnist_preprocess,

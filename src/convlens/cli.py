@@ -5,7 +5,6 @@ User errors print one line on stderr and exit with code 2; no traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -254,12 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="tiny training and subsets (about a minute)")
     p.add_argument("--seed", type=int, default=0)
 
-    for register in EXTRA_PARSERS:
-        register(sub, DEFAULT_RUN)
     return parser
-
-
-EXTRA_PARSERS: list[Callable] = []
 
 
 class SubParser(argparse.ArgumentParser):

@@ -8,7 +8,7 @@ import torch
 from ..errors import ConvlensError
 from ..hooks import frozen, relu_rule
 from ..runtime import channels_last_weights
-from .base import Attribution, Method, check_input, target_scores, upsample
+from .base import Attribution, Method, check_input, target_scores
 from .cam import GradCAM
 
 

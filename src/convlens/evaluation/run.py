@@ -5,7 +5,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 

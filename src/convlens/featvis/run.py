@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -125,7 +124,6 @@ def actmax(loaded: LoadedModel, out, classes=range(10), tv_weights=LAB_TV_WEIGHT
                                                         for j, c in enumerate(classes)],
                                         f"Class images at the chosen tv weight {chosen:g}", out / "chosen.png").name
     for rec, img in zip(pair_records, pair_result.display if pair_result is not None else []):
-        a, b = rec["targets"]
         figures[rec["name"]] = aplots.plot_pair(img, rec, loaded, out / f"{rec['name']}.png").name
     if chan_result is not None:
         figures["channels"] = aplots.plot_row(chan_result.display, [f"{layer}[{k}]" for k in channels],
