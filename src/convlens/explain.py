@@ -144,8 +144,8 @@ def explain(loaded: LoadedModel, items, out: str | Path, methods: list[str] | No
         stem = path.stem
         cls = int(run["results"][methods[0]].targets[i])
         label = loaded.class_names[cls] if cls >= 0 else "custom target"
-        norm = {name: res.normalized[i].numpy() for name, res in run["results"].items()}
-        raws = {name: res.raw[i].numpy() for name, res in run["results"].items()}
+        norm = {name: res.normalized[i].cpu().numpy() for name, res in run["results"].items()}
+        raws = {name: res.raw[i].cpu().numpy() for name, res in run["results"].items()}
         figures[path.name] = {"overlays": {}}
         for name in methods:
             figures[path.name]["overlays"][name] = str(plot_overlay(
@@ -153,7 +153,7 @@ def explain(loaded: LoadedModel, items, out: str | Path, methods: list[str] | No
         figures[path.name]["methods"] = plot_methods(image, norm, f"{path.name}: {label}",
                                                      out / f"{stem}_methods.png", raws).name
         save_npz(out / f"{stem}_maps.npz", **{f"{name}_raw": raws[name] for name in methods},
-                 **{f"{name}_map": run["results"][name].maps[i].numpy() for name in methods})
+                 **{f"{name}_map": run["results"][name].maps[i].cpu().numpy() for name in methods})
     summary = {"model": loaded.name, "methods": methods, "predictions": rows, "figures": figures,
                "seconds": run["seconds"], "skipped": batch.failures,
                "layers": {n: r.layer for n, r in run["results"].items()}}

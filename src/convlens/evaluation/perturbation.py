@@ -67,7 +67,7 @@ def pixel_ranks(maps: torch.Tensor) -> torch.Tensor:
     """Rank of every pixel (0 = most important), ties broken by position: (N, H·W)."""
     order = torch.argsort(-maps.flatten(1), dim=1, stable=True)
     ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(order.shape[1]).expand_as(order).contiguous())
+    ranks.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order).contiguous())
     return ranks
 
 

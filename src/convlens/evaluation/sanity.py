@@ -118,6 +118,7 @@ def hog_features(m: torch.Tensor, cells: int = 7, bins: int = 9) -> np.ndarray:
 
 def similarity(original: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
     """Mean over images of the four similarity measures (a flat map, common after randomization, scores 0)."""
+    original, other = original.detach().cpu(), other.detach().cpu()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rows = [similarity_one(a, b) for a, b in zip(original, other)]

@@ -102,7 +102,8 @@ class Evaluator:
         if len(self.groups) == 1:
             return self.groups[0][0](outputs), logits
         parts = [(rows, obj({k: v[rows] for k, v in outputs.items()})) for obj, rows in self.groups]
-        values = torch.zeros(self.n, dtype=logits.dtype).index_put((torch.cat([r for r, _ in parts]),),
+        values = torch.zeros(self.n, dtype=logits.dtype, device=logits.device).index_put(
+            (torch.cat([r for r, _ in parts]).to(logits.device),),
                                                                     torch.cat([v for _, v in parts]))
         return values, logits
 
@@ -130,11 +131,13 @@ def maximize(model: nn.Module, objectives: Sequence[Objective], shape: Sequence[
     weights = {"tv": per_sample(cfg.tv_weight, n, "tv weight"),
                "lp": per_sample(cfg.lp_weight, n, "lp weight", 10.0 if kerasvis else 0.0),
                "decay": per_sample(cfg.decay, n, "decay", 0.0 if kerasvis or cfg.param == "fourier" else 20.0)}
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)  # draws on the CPU, so results match on every device
+    device = next(iter(model.parameters()), torch.zeros(())).device
+    weights = {k: v.to(device) for k, v in weights.items()}
     evaluator = Evaluator(model, objectives)
     with frozen(model), channels_last_weights(model):
         run = run_kerasvis if kerasvis else run_default
-        return run(evaluator, n, tuple(shape), cfg, weights, gen)
+        return run(evaluator, n, tuple(shape), cfg, weights, gen, device)
 
 
 def tv_scale(x: torch.Tensor) -> float:
@@ -166,17 +169,17 @@ def finish(evaluator: Evaluator, images: torch.Tensor, display: torch.Tensor, hi
     return ActMaxResult(images.detach(), display.detach(), values, tv, logits.softmax(1), history)
 
 
-def run_default(evaluator, n, shape, cfg: ActMaxConfig, w, gen) -> ActMaxResult:
+def run_default(evaluator, n, shape, cfg: ActMaxConfig, w, gen, device) -> ActMaxResult:
     lo, hi = cfg.input_range
     pixels = 1 if cfg.jitter is None else cfg.jitter
     if cfg.param == "fourier":
         if shape[0] != 3 or cfg.to_input is None:
             raise ConvlensError("the Fourier parameterization needs a colour model and its input mapping")
-        param = FourierColorParam(n, shape[1:], gen)
+        param = FourierColorParam(n, shape[1:], gen, device=device)
         to_model = cfg.to_input
     else:
         init = lo + (hi - lo) * (0.2 + 0.1 * torch.randn((n, *shape), generator=gen))
-        param = PixelParam(init.clamp(lo, hi))
+        param = PixelParam(init.clamp(lo, hi).to(device))
         to_model = None
     opt = torch.optim.Adam(param.parameters(), lr=cfg.lr)
     history = []
@@ -200,14 +203,14 @@ def run_default(evaluator, n, shape, cfg: ActMaxConfig, w, gen) -> ActMaxResult:
     return finish(evaluator, images, display, history, cfg)
 
 
-def run_kerasvis(evaluator, n, shape, cfg: ActMaxConfig, w, gen) -> ActMaxResult:
+def run_kerasvis(evaluator, n, shape, cfg: ActMaxConfig, w, gen, device) -> ActMaxResult:
     lo, hi = cfg.input_range
     mid, span = (lo + hi) / 2, hi - lo
     noise = torch.rand((n, *shape), generator=gen)
     noise = (noise - noise.mean((1, 2, 3), keepdim=True)) / noise.std(dim=(1, 2, 3), keepdim=True)
-    x = (mid + 0.05 * span * noise).requires_grad_(True)
+    x = (mid + 0.05 * span * noise).to(device).requires_grad_(True)
     cache = torch.zeros_like(x)
-    best_loss = torch.full((n,), math.inf)
+    best_loss = torch.full((n,), math.inf, device=device)
     best = x.detach().clone()
     pixels = cfg.jitter or 0
     history = []

@@ -31,14 +31,14 @@ class FourierColorParam:
     """
 
     def __init__(self, batch: int, size: tuple[int, int], gen: torch.Generator, decay: float = 1.0,
-                 sd: float = 0.01):
+                 sd: float = 0.01, device: torch.device | str = "cpu"):
         h, w = size
         fy = torch.fft.fftfreq(h)[:, None]
         fx = torch.fft.rfftfreq(w)[None, :]
         freqs = torch.sqrt(fx * fx + fy * fy)
-        self.scale = (1.0 / torch.clamp(freqs, min=1.0 / max(h, w)) ** decay) * math.sqrt(h * w)
+        self.scale = ((1.0 / torch.clamp(freqs, min=1.0 / max(h, w)) ** decay) * math.sqrt(h * w)).to(device)
         self.size = size
-        self.spectrum = (torch.randn(batch, 3, h, w // 2 + 1, 2, generator=gen) * sd).requires_grad_(True)
+        self.spectrum = (torch.randn(batch, 3, h, w // 2 + 1, 2, generator=gen) * sd).to(device).requires_grad_(True)
 
     def parameters(self) -> list[torch.Tensor]:
         return [self.spectrum]
@@ -46,7 +46,7 @@ class FourierColorParam:
     def image(self) -> torch.Tensor:
         spec = torch.view_as_complex(self.spectrum) * self.scale
         img = torch.fft.irfftn(spec, s=self.size, norm="ortho") / 4.0
-        flat = img.permute(0, 2, 3, 1) @ (COLOR_CORRELATION_SVD_SQRT / MAX_NORM_SVD_SQRT).T
+        flat = img.permute(0, 2, 3, 1) @ (COLOR_CORRELATION_SVD_SQRT / MAX_NORM_SVD_SQRT).T.to(img)
         return torch.sigmoid(flat.permute(0, 3, 1, 2))
 
 
