@@ -123,8 +123,10 @@ def run_methods(loaded: LoadedModel, x: torch.Tensor, methods: list[str], target
 
 
 def explain(loaded: LoadedModel, items, out: str | Path, methods: list[str] | None = None,
-            target: str | None = None, layer: str | None = None, progress: bool = True) -> dict:
-    """Predictions, per-image overlays, side-by-side figures and raw maps into ``out``."""
+            target: str | None = None, layer: str | None = None, progress: bool = True,
+            overlays: list[str] | None = None) -> dict:
+    """Predictions, per-image overlays (of ``overlays``, default every method), side-by-side figures and
+    raw maps into ``out``."""
     from .plots.attribution import plot_methods, plot_overlay
 
     out = ensure_dir(out)
@@ -147,7 +149,7 @@ def explain(loaded: LoadedModel, items, out: str | Path, methods: list[str] | No
         norm = {name: res.normalized[i].cpu().numpy() for name, res in run["results"].items()}
         raws = {name: res.raw[i].cpu().numpy() for name, res in run["results"].items()}
         figures[path.name] = {"overlays": {}}
-        for name in methods:
+        for name in overlays or methods:
             figures[path.name]["overlays"][name] = str(plot_overlay(
                 image, norm[name], f"{name}: {label}", out / f"{stem}_{name}.png").name)
         figures[path.name]["methods"] = plot_methods(image, norm, f"{path.name}: {label}",

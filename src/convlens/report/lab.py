@@ -124,7 +124,8 @@ def stage_exercise3(opts: LabOptions, timings: dict) -> dict:
 
     def work(folder: Path) -> dict:
         loaded = load_model("efficientnet-lite0")
-        summary = explain(loaded, photos, folder, LAB_EXPLAIN_METHODS, progress=opts.progress)
+        summary = explain(loaded, photos, folder, LAB_EXPLAIN_METHODS, progress=opts.progress,
+                          overlays=["gradcam", "guided-gradcam"])
         spill = {}
         for p in photos:
             data = np.load(folder / f"{p.stem}_maps.npz")
