@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .attribution import CAM_METHODS, make_method
+from .attribution import make_method, uses_layer
 from .data.images import expand_image_paths, open_image, package_photos_dir
 from .errors import ConvlensError
 from .hooks import resolve_layer
@@ -114,7 +114,7 @@ def run_methods(loaded: LoadedModel, x: torch.Tensor, methods: list[str], target
     """{method: Attribution} for the whole batch, with the seconds each took."""
     results, seconds = {}, {}
     for name in tqdm(methods, desc="methods", disable=not progress, leave=False):
-        method_layer = layer if (name in CAM_METHODS or name == "guided-gradcam") else None
+        method_layer = layer if uses_layer(name) else None
         method = make_method(name, loaded.model, layer=method_layer, **SLOW_OPTIONS.get(name, {}))
         start = time.perf_counter()
         results[name] = method.attribute(x, target)

@@ -21,7 +21,11 @@ METHODS: dict[str, Callable[..., Method]] = {
                               IntegratedGradients, InputXGradient)
 }
 METHODS["smoothgrad"] = lambda model, layer=None, **kw: SmoothGrad(Saliency(model, layer), **kw)
-CAM_METHODS = {"cam", "gradcam", "gradcam++", "scorecam", "layercam", "xgradcam", "kerasvis-guided-gradcam"}
+
+
+def uses_layer(name: str) -> bool:
+    """Whether the method reads a layer (CAM family, guided Grad-CAM): ``--layer`` applies to it."""
+    return bool(getattr(METHODS.get(name), "needs_layer", False))
 
 
 def make_method(name: str, model: nn.Module, layer=None, **options) -> Method:

@@ -123,7 +123,7 @@ class Method:
     """Base of every method: ``Method(model, layer=None, **options).attribute(inputs, target=None)``."""
 
     name = "method"
-    needs_layer = False
+    needs_layer = False  # True for methods that read a layer (see uses_layer)
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None,
                  output_selector: OutputSelector = None, interpolation: str = "bilinear"):

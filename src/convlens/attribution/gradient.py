@@ -90,6 +90,7 @@ class GuidedGradCAM(GradientMethod):
 
     name = "guided-gradcam"
     reduction = "absmax"
+    needs_layer = True
 
     def attribute(self, inputs, target=None) -> Attribution:
         x = check_input(self.model, inputs)
