@@ -20,6 +20,12 @@ def command(func):
     return func
 
 
+def model_from(a: argparse.Namespace):
+    """The model named by --model (with --weights and --profile)."""
+
+    return load_model(a.model, weights=getattr(a, "weights", None), profile=getattr(a, "profile", None))
+
+
 def int_list(text: str) -> list[int]:
     """'0-9' or '1,3,5' or '0-2,7' → list of ints."""
     out: list[int] = []
@@ -67,10 +73,13 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 @command
 def cmd_summary(a: argparse.Namespace) -> int:
-    from .models import LabNet, load_model, summary_table
+    from .models import LabNet, summary_table
+    from .models.summary import describe
 
-    model = load_model(a.model).model if a.model else LabNet()
-    print(summary_table(model))
+    if not a.model:
+        print(summary_table(LabNet()))
+        return 0
+    print(describe(model_from(a)))
     return 0
 
 
@@ -79,11 +88,10 @@ def cmd_predict(a: argparse.Namespace) -> int:
     from .data.images import sample_photo_paths
     from .explain import format_table, load_batch, predict, prediction_rows
     from .io import write_json
-    from .models import load_model
 
     if a.top <= 0:
         raise ConvlensError("--top must be positive")
-    loaded = load_model(a.model)
+    loaded = model_from(a)
     batch = load_batch(a.images or sample_photo_paths(), loaded)
     rows = prediction_rows(loaded, batch.paths, predict(loaded, batch.x), a.top)
     print(format_table(rows))
@@ -96,9 +104,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
 def cmd_explain(a: argparse.Namespace) -> int:
     from .data.images import sample_photo_paths
     from .explain import explain
-    from .models import load_model
 
-    loaded = load_model(a.model)
+    loaded = model_from(a)
     summary = explain(loaded, a.images or sample_photo_paths(), a.out, a.methods, a.target, a.layer,
                       progress=not a.quiet)
     print(Path(a.out) / "predictions.json")
@@ -108,9 +115,8 @@ def cmd_explain(a: argparse.Namespace) -> int:
 @command
 def cmd_featuremaps(a: argparse.Namespace) -> int:
     from .analysis import featuremaps
-    from .models import load_model
 
-    featuremaps(load_model(a.model), a.out, a.layers, a.digit, a.index, a.image)
+    featuremaps(model_from(a), a.out, a.layers, a.digit, a.index, a.image)
     print(Path(a.out) / "featuremaps.json")
     return 0
 
@@ -118,9 +124,8 @@ def cmd_featuremaps(a: argparse.Namespace) -> int:
 @command
 def cmd_stats(a: argparse.Namespace) -> int:
     from .analysis import statistics
-    from .models import load_model
 
-    statistics(load_model(a.model), a.out, a.layers, a.split, a.correct_only, a.data, a.limit, not a.quiet)
+    statistics(model_from(a), a.out, a.layers, a.split, a.correct_only, a.data, a.limit, not a.quiet)
     print(Path(a.out) / "stats.json")
     return 0
 
@@ -128,9 +133,8 @@ def cmd_stats(a: argparse.Namespace) -> int:
 @command
 def cmd_actmax(a: argparse.Namespace) -> int:
     from .featvis.run import actmax
-    from .models import load_model
 
-    loaded = load_model(a.model)
+    loaded = model_from(a)
     pairs = [tuple(int(v) for v in p.split("+")) for p in a.pairs] if a.pairs else []
     if any(len(p) != 2 for p in pairs):
         raise ConvlensError("--pairs takes pairs like 1+7,4+9")
@@ -146,9 +150,8 @@ def cmd_actmax(a: argparse.Namespace) -> int:
 @command
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluation.run import evaluate
-    from .models import load_model
 
-    summary = evaluate(load_model(a.model), a.out, a.methods, a.images, a.mnist_test, a.steps, a.sanity_images,
+    summary = evaluate(model_from(a), a.out, a.methods, a.images, a.mnist_test, a.steps, a.sanity_images,
                        not a.no_data_randomization, a.seed, not a.quiet)
     rows = summary["table"]
     print(f"{'method':<26}{'deletion':>9}{'insertion':>10}{'avg drop':>9}{'incr conf':>10}{'s/image':>9}")
@@ -156,6 +159,16 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         print(f"{name:<26}{r['deletion_auc']:>9.3f}{r['insertion_auc']:>10.3f}{r['average_drop']:>9.1f}"
               f"{r['increase_in_confidence']:>10.1f}{r['seconds_per_image']:>9.3f}")
     print(Path(a.out) / "evaluation.json")
+    return 0
+
+
+@command
+def cmd_report(a: argparse.Namespace) -> int:
+    from .report.generic import ReportOptions, run_report
+
+    path = run_report(model_from(a), ReportOptions(Path(a.out), Path(a.data), a.methods, a.per_class, a.seed,
+                                                     not a.quiet, a.limit))
+    print(path.resolve())
     return 0
 
 
@@ -170,7 +183,10 @@ def cmd_lab(a: argparse.Namespace) -> int:
 
 def add_common(p: argparse.ArgumentParser, model_default: str | None = None, out: str | None = None) -> None:
     p.add_argument("--model", default=model_default,
-                   help="'efficientnet-lite0', a training run folder or a checkpoint file")
+                   help="'efficientnet-lite0', a training run folder or checkpoint, a factory file.py:name or "
+                        "package.module:name (with --weights), or an .onnx file")
+    p.add_argument("--weights", help="state_dict (.pt/.pth, read weights-only) or .safetensors for a factory")
+    p.add_argument("--profile", help="profile JSON of your model: input size, preprocessing, class names, layers")
     if out:
         p.add_argument("--out", default=out, help="output folder (default: %(default)s)")
 
@@ -193,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--subset", type=int, help=argparse.SUPPRESS)
 
-    p = sub.add_parser("summary", help="print the lab network's architecture table")
+    p = sub.add_parser("summary", help="the architecture table (lab network) or any model's profile and layers")
     add_common(p)
 
     p = sub.add_parser("predict", help="top-k predictions for images (table like the report's)")
@@ -245,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="perturbation steps per curve")
     p.add_argument("--sanity-images", type=int, help="images for the sanity checks (0: skip)")
     p.add_argument("--no-data-randomization", action="store_true", help="skip the random-label model")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("report", help="the lab's whole study of any CNN on a labelled folder → HTML report")
+    add_common(p, None, "convlens-out/report")
+    p.add_argument("--data", required=True, help="a labelled image folder (one sub-folder per class)")
+    p.add_argument("--methods", type=str_list, help="explanation methods (default: gradcam,guided-gradcam,…)")
+    p.add_argument("--per-class", type=int, default=2, help="images explained per class (default 2)")
+    p.add_argument("--limit", type=int, help="use at most N images of the folder")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("lab", help="the whole PW-11 lab → a self-contained HTML report")

@@ -17,7 +17,8 @@ from tqdm import tqdm
 from .attribution import make_method, uses_layer
 from .data.images import expand_image_paths, open_image, package_photos_dir
 from .errors import ConvlensError
-from .hooks import resolve_layer
+from .attribution.base import select_output
+from .hooks import evaluating, resolve_layer
 from .io import ensure_dir, save_npz, write_json
 from .models.registry import LoadedModel
 
@@ -37,10 +38,9 @@ class Batch:
 def load_batch(items, loaded: LoadedModel) -> Batch:
     """Preprocess every readable image; unreadable ones are listed in ``failures``."""
     paths, tensors, failures = [], [], []
-    mode = "RGB" if loaded.kind == "imagenet" else "L"
     for path in expand_image_paths(items):
         try:
-            tensors.append(loaded.preprocess(open_image(path, mode)))
+            tensors.append(loaded.preprocess(open_image(path, loaded.profile.image_mode)))
             paths.append(path)
         except ConvlensError as exc:
             failures.append(str(exc))
@@ -56,10 +56,15 @@ def shipped_expectations() -> dict:
 
 
 def expected_for(path: Path, class_names: list[str]) -> dict | None:
-    """The expectation for a shipped photo, or a class name found in the file name ('espresso_1.jpg')."""
+    """The expectation for an image: a shipped photo's (when its classes are the model's), the name of a
+    class folder it lies in, or a class name in the file name ('espresso_1.jpg')."""
     shipped = shipped_expectations()
-    if path.name in shipped:
+    if path.name in shipped and path.parent == package_photos_dir() and \
+            set(shipped[path.name]["classes"]) <= set(class_names):
         return shipped[path.name]
+    by_folder = {name.lower(): name for name in class_names}.get(path.parent.name.lower())
+    if by_folder is not None:
+        return {"label": by_folder, "classes": [by_folder]}
     stem = re.sub(r"[_\-\d]+", " ", path.stem).strip().lower()
     lowered = {name.lower(): name for name in class_names}
     return {"label": lowered[stem], "classes": [lowered[stem]]} if stem in lowered else None
@@ -67,15 +72,17 @@ def expected_for(path: Path, class_names: list[str]) -> dict | None:
 
 @torch.no_grad()
 def predict(loaded: LoadedModel, x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    probs = torch.cat([loaded.model(x[i:i + batch_size]).softmax(1) for i in range(0, len(x), batch_size)])
-    return probs
+    """Class probabilities (N, classes) on the CPU, computed in batches on the model's device."""
+    with evaluating(loaded.model):
+        return torch.cat([select_output(loaded.model(x[i:i + batch_size].to(loaded.device)), None).softmax(1).cpu()
+                          for i in range(0, len(x), batch_size)])
 
 
 def prediction_rows(loaded: LoadedModel, paths: list[Path], probs: torch.Tensor, top: int) -> list[dict]:
     rows = []
     for path, p in zip(paths, probs):
         values, indices = p.topk(min(top, p.numel()))
-        exp = expected_for(path, loaded.class_names) if loaded.kind == "imagenet" else None
+        exp = expected_for(path, loaded.class_names)
         best = loaded.class_names[int(indices[0])]
         ok = None if not exp or not exp["classes"] else best in exp["classes"]
         rows.append({"image": path.name, "path": str(path), "expected": exp["label"] if exp else None,
@@ -114,10 +121,10 @@ def run_methods(loaded: LoadedModel, x: torch.Tensor, methods: list[str], target
     """{method: Attribution} for the whole batch, with the seconds each took."""
     results, seconds = {}, {}
     for name in tqdm(methods, desc="methods", disable=not progress, leave=False):
-        method_layer = layer if uses_layer(name) else None
+        method_layer = (layer or loaded.profile.explain_layer) if uses_layer(name) else None
         method = make_method(name, loaded.model, layer=method_layer, **SLOW_OPTIONS.get(name, {}))
         start = time.perf_counter()
-        results[name] = method.attribute(x, target)
+        results[name] = method.attribute(x.to(loaded.device), target)
         seconds[name] = time.perf_counter() - start
     return {"results": results, "seconds": seconds}
 

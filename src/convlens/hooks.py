@@ -102,6 +102,18 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Every module in eval mode inside the block; each module's own training flag restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextlib.contextmanager
 def observe_outputs(model: nn.Module) -> Iterator[list[tuple[str, torch.Size, nn.Module]]]:
     """Record (path, output shape, module) of every module, in the order they finish."""
     seen: list[tuple[str, torch.Size, nn.Module]] = []

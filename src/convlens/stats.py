@@ -135,8 +135,12 @@ def layer_shapes(model: nn.Module, layers: Sequence[str], example: torch.Tensor)
 
 
 def collect(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], layers: Sequence[str],
-            classes: int, correct_only: bool = False, progress: bool = False, total: int | None = None) -> FilterStats:
-    """One pass over (images, labels) batches → :class:`FilterStats` of ``layers``."""
+            classes: int, correct_only: bool = False, progress: bool = False, total: int | None = None,
+            class_index: Sequence[int] | None = None) -> FilterStats:
+    """One pass over (images, labels) batches → :class:`FilterStats` of ``layers``.
+
+    ``class_index[c]``: the model output of label ``c`` (for ``correct_only`` when the labels are not
+    the model's own class indices, e.g. the class folders of a labelled folder)."""
     stats: FilterStats | None = None
     for name in layers:
         resolve_layer(model, name)
@@ -147,7 +151,8 @@ def collect(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor
         with capture(model, layers) as kept, torch.no_grad():
             logits = model(x)
         y = y.to(logits.device)
-        keep = logits.argmax(1) == y if correct_only else None
+        expected = y if class_index is None else torch.as_tensor(class_index, device=y.device)[y]
+        keep = logits.argmax(1) == expected if correct_only else None
         outputs = {n: kept[n] if keep is None else kept[n][keep] for n in layers}
         stats.add(outputs, y if keep is None else y[keep])
     if stats is None:

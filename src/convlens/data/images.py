@@ -83,7 +83,11 @@ def expand_image_paths(items: Iterable[str | os.PathLike]) -> list[Path]:
     for item in items:
         p = Path(item)
         if p.is_dir():
-            paths += sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            own = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            if not own:  # a labelled folder: the images of its class sub-folders
+                own = sorted(q for d in sorted(p.iterdir()) if d.is_dir() and not d.name.startswith(".")
+                             for q in d.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            paths += own
         elif p.exists():
             paths.append(p)
         else:

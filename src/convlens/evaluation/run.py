@@ -8,12 +8,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..attribution import METHODS, make_method
+from ..attribution import METHODS, make_method, uses_layer
 from ..data.mnist import load_mnist
 from ..errors import ConvlensError
 from ..explain import SLOW_OPTIONS, load_batch
 from ..io import ensure_dir, write_json
-from ..models.efficientnet_lite import LITE0_STAGES
+from ..attribution.base import select_output
+from ..hooks import evaluating
 from ..models.registry import LoadedModel, load_model
 from . import perturbation, sanity
 
@@ -22,11 +23,21 @@ FAST_METHODS = ["gradcam", "gradcam++", "layercam", "xgradcam", "saliency", "gui
 SANITY_METHODS = ["gradcam", "saliency", "guided-backprop", "guided-gradcam", "integrated-gradients"]
 
 
+def has_cam_head(loaded: LoadedModel) -> bool:
+    """Whether CAM applies: a global-average-pooling → linear head after the explain layer."""
+    try:
+        make_method("cam", loaded.model, layer=loaded.profile.explain_layer).attribute(
+            loaded.profile.example(loaded.device).requires_grad_(False), 0)
+        return True
+    except ConvlensError:
+        return False
+
+
 def resolve_methods(names: list[str] | None, loaded: LoadedModel) -> list[str]:
     if not names:
-        return FAST_METHODS + (["scorecam"] if loaded.kind == "mnist" else [])
+        return FAST_METHODS + (["scorecam"] if loaded.profile.evaluation.include_scorecam else [])
     if names == ["all"]:
-        return [m for m in METHODS if not (m == "cam" and loaded.kind == "mnist")]
+        return [m for m in METHODS if m != "cam" or has_cam_head(loaded)]
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise ConvlensError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
@@ -36,34 +47,23 @@ def resolve_methods(names: list[str] | None, loaded: LoadedModel) -> list[str]:
 def method_options(name: str, loaded: LoadedModel) -> dict:
     options = dict(SLOW_OPTIONS.get(name, {}))
     if name == "smoothgrad":
-        options["samples"] = 16 if loaded.kind == "mnist" else 8
+        options["samples"] = loaded.profile.evaluation.smoothgrad_samples
     return options
+
+
+def layer_for(name: str, loaded: LoadedModel) -> str | None:
+    """The profile's explain layer for methods that read a layer (else automatic)."""
+    return loaded.profile.explain_layer if uses_layer(name) else None
 
 
 def compute_maps(loaded: LoadedModel, methods: list[str], x: torch.Tensor, targets: torch.Tensor, progress: bool):
     maps, seconds = {}, {}
     for name in tqdm(methods, desc="maps", disable=not progress, leave=False):
-        method = make_method(name, loaded.model, **method_options(name, loaded))
+        method = make_method(name, loaded.model, layer=layer_for(name, loaded), **method_options(name, loaded))
         start = time.perf_counter()
         maps[name] = method.attribute(x, targets)
         seconds[name] = (time.perf_counter() - start) / len(x)
     return maps, seconds
-
-
-def imagenet_sanity_groups(model) -> list:
-    """EfficientNet's ~20 parameter groups merged by stage, so a cascade has 10 steps."""
-    groups = sanity.randomization_groups(model)
-    merged: dict[str, list] = {}
-    stage_of = {}
-    index = 0
-    for s, (repeats, *_rest) in enumerate(LITE0_STAGES):
-        for _ in range(repeats):
-            stage_of[f"_blocks.{index}"] = f"stage{s + 1}"
-            index += 1
-    for name, modules in groups:
-        key = stage_of.get(name, "head" if name in ("_conv_head", "_bn1") else name)
-        merged.setdefault(key, []).extend(modules)
-    return list(merged.items())
 
 
 def random_label_model(loaded: LoadedModel, seed: int, progress: bool) -> LoadedModel:
@@ -75,30 +75,37 @@ def random_label_model(loaded: LoadedModel, seed: int, progress: bool) -> Loaded
         return load_model(str(Path(tmp) / "model.pt"))
 
 
+def evaluation_inputs(loaded: LoadedModel, images, mnist_test: int) -> tuple[torch.Tensor, list[str], list[str]]:
+    """The images to evaluate: given files/folders, else MNIST test images (lab network) or the shipped
+    photos (three-channel models)."""
+    if not images and loaded.profile.dataset == "mnist":
+        if mnist_test <= 0:
+            raise ConvlensError("--mnist-test must be positive")
+        x = load_mnist("test").tensors()[0][:mnist_test]
+        return x, [f"test{i}" for i in range(len(x))], []
+    if not images:
+        if loaded.profile.channels != 3:
+            raise ConvlensError("give the images to evaluate with --images (files or folders)")
+        from ..data.images import sample_photo_paths
+        images = sample_photo_paths()[:5]
+    batch = load_batch(images, loaded)
+    return batch.x, [p.name for p in batch.paths], batch.failures
+
+
 def evaluate(loaded: LoadedModel, out, methods: list[str] | None = None, images=None, mnist_test: int = 100,
              steps: int | None = None, sanity_images: int | None = None, data_randomization: bool = True,
              seed: int = 0, progress: bool = True) -> dict:
     out = ensure_dir(out)
     methods = resolve_methods(methods, loaded)
-    if images:
-        batch = load_batch(images, loaded)
-        x, names = batch.x, [p.name for p in batch.paths]
-    elif loaded.kind == "mnist":
-        if mnist_test <= 0:
-            raise ConvlensError("--mnist-test must be positive")
-        x = load_mnist("test").tensors()[0][:mnist_test]
-        names = [f"test{i}" for i in range(len(x))]
-    else:
-        from ..data.images import sample_photo_paths
-        batch = load_batch(sample_photo_paths()[:5], loaded)
-        x, names = batch.x, [p.name for p in batch.paths]
-    with torch.no_grad():
-        targets = loaded.model(x).argmax(1)
+    x, names, skipped = evaluation_inputs(loaded, images, mnist_test)
+    x = x.to(loaded.device)
+    with torch.no_grad(), evaluating(loaded.model):
+        targets = select_output(loaded.model(x), None).argmax(1)
     timings = {}
     start = time.perf_counter()
     results, per_image_seconds = compute_maps(loaded, methods, x, targets, progress)
     timings["maps"] = time.perf_counter() - start
-    steps = steps or (28 if loaded.kind == "mnist" else 16)
+    steps = steps or loaded.profile.evaluation.steps
     table, curves = {}, {}
     start = time.perf_counter()
     for name in tqdm(methods, desc="deletion/insertion", disable=not progress, leave=False):
@@ -116,15 +123,16 @@ def evaluate(loaded: LoadedModel, out, methods: list[str] | None = None, images=
     from ..plots import evaluation as eplots
     figures = {"metrics": eplots.plot_metric_table(table, out / "metrics.png").name,
                "curves": eplots.plot_curves(curves, out / "deletion_insertion.png").name}
-    summary = {"model": loaded.name, "images": names, "targets": targets.tolist(), "methods": methods,
+    summary = {"model": loaded.name, "images": names, "skipped": skipped, "targets": targets.tolist(), "methods": methods,
                "steps": steps, "table": table, "curves": curves, "figures": figures}
 
-    k = sanity_images if sanity_images is not None else (16 if loaded.kind == "mnist" else 2)
+    k = sanity_images if sanity_images is not None else loaded.profile.evaluation.sanity_images
     if k > 0:
         start = time.perf_counter()
         sane = [m for m in SANITY_METHODS if m in methods] or methods[:3]
-        sane_methods = {m: make_method(m, loaded.model, **method_options(m, loaded)) for m in sane}
-        groups = imagenet_sanity_groups(loaded.model) if loaded.kind == "imagenet" else None
+        sane_methods = {m: make_method(m, loaded.model, layer=layer_for(m, loaded), **method_options(m, loaded))
+                        for m in sane}
+        groups = loaded.profile.randomization_groups(loaded.model) if loaded.profile.randomization_groups else None
         xs, ts = x[:k], targets[:k]
         summary["sanity"] = {
             "cascading": sanity.cascading_randomization(loaded.model, sane_methods, xs, ts, False, seed, groups),
@@ -133,12 +141,13 @@ def evaluate(loaded: LoadedModel, out, methods: list[str] | None = None, images=
                                                          out / "sanity_cascading.png").name
         figures["sanity_independent"] = eplots.plot_sanity(summary["sanity"]["independent"],
                                                            out / "sanity_independent.png").name
-        if data_randomization and loaded.kind == "mnist":
+        if data_randomization and loaded.profile.dataset == "mnist":
             rand = random_label_model(loaded, seed, progress)
             row = {}
             for m in sane:
                 orig = sane_methods[m].attribute(xs, ts).maps
-                other = make_method(m, rand.model, **method_options(m, loaded)).attribute(xs, ts).maps
+                other = make_method(m, rand.model, layer=layer_for(m, loaded),
+                                    **method_options(m, loaded)).attribute(xs, ts).maps
                 row[m] = sanity.similarity(orig, other)
             summary["sanity"]["data_randomization"] = row
         timings["sanity"] = time.perf_counter() - start

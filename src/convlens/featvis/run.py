@@ -79,9 +79,9 @@ def actmax(loaded: LoadedModel, out, classes=range(10), tv_weights=LAB_TV_WEIGHT
     out = ensure_dir(out)
     classes, tv_weights, pairs, channels = list(classes), list(tv_weights), list(pairs), list(channels)
     validate(loaded, classes, pairs, layer, channels, tv_weights, steps)
-    shape = loaded.model.input_shape
+    shape = loaded.profile.input_shape
     base = ActMaxConfig(steps=steps, mode=mode, seed=seed, input_range=loaded.input_range, progress=progress,
-                        param=param, to_input=imagenet_to_input if loaded.kind == "imagenet" else None)
+                        param=param, to_input=loaded.profile.from_unit)
     timings = {}
 
     start = time.perf_counter()
@@ -141,7 +141,3 @@ def actmax(loaded: LoadedModel, out, classes=range(10), tv_weights=LAB_TV_WEIGHT
     write_json(out / "actmax.json", summary)
     return summary
 
-
-def imagenet_to_input(rgb01: torch.Tensor) -> torch.Tensor:
-    """[0, 1] RGB → EfficientNet-Lite input ((x·255 − 127)/128)."""
-    return (rgb01 * 255.0 - 127.0) / 128.0

@@ -118,3 +118,19 @@ def efficientnet_lite0(pretrained: bool = True) -> EfficientNetLite:
         state = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def stage_groups(model: nn.Module) -> list:
+    """Parameter groups for cascading randomization, one per stage (blocks merged), output first."""
+    from ..evaluation.sanity import randomization_groups
+
+    stage_of, index = {}, 0
+    for s, (repeats, *_rest) in enumerate(LITE0_STAGES):
+        for _ in range(repeats):
+            stage_of[f"_blocks.{index}"] = f"stage{s + 1}"
+            index += 1
+    merged: dict[str, list] = {}
+    for name, modules in randomization_groups(model):
+        key = stage_of.get(name, "head" if name in ("_conv_head", "_bn1") else name)
+        merged.setdefault(key, []).extend(modules)
+    return list(merged.items())

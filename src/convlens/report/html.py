@@ -1,44 +1,14 @@
-"""Render the lab's results as one self-contained page (inline CSS, no scripts, images beside it)."""
+"""Render the lab's results as one self-contained page (inline CSS and images, no scripts)."""
 from __future__ import annotations
 
-import html
 from pathlib import Path
 
 import numpy as np
 
 from ..io import write_json, write_text
-from .lab import REPORT_SCORE
+from .page import document, esc, fig, table
 
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2330;line-height:1.5}
-header{background:#1d2b4f;color:#fff;padding:28px 40px}header h1{margin:0;font-size:28px}header p{margin:6px 0 0;opacity:.85}
-nav{background:#fff;border-bottom:1px solid #dde1e8;padding:10px 40px;position:sticky;top:0}nav a{margin-right:18px;color:#1d4ed8;text-decoration:none;font-weight:600}
-main{max-width:1180px;margin:0 auto;padding:20px 40px 60px}section{background:#fff;border:1px solid #e3e6ec;border-radius:10px;padding:18px 26px;margin:22px 0}
-h2{margin-top:4px;border-bottom:2px solid #e7eaf0;padding-bottom:6px}h3{margin-bottom:6px}
-figure{margin:14px 0}figure img{max-width:100%;border:1px solid #e3e6ec;border-radius:6px;background:#fff}figcaption{font-size:14px;color:#4a5262;margin-top:4px}
-table{border-collapse:collapse;margin:10px 0;font-size:14px}th,td{border:1px solid #dde1e8;padding:4px 9px;text-align:left}th{background:#f0f2f6}
-td.num{text-align:right;font-variant-numeric:tabular-nums}.ok{color:#15803d;font-weight:600}.bad{color:#b91c1c;font-weight:600}
-.cards{display:flex;gap:14px;flex-wrap:wrap}.card{background:#f3f6fb;border-radius:8px;padding:10px 16px;min-width:150px}.card b{font-size:22px;display:block}
-.obs{background:#fffbea;border-left:4px solid #f0b429;padding:8px 14px;margin:10px 0}.grid2{display:grid;grid-template-columns:1fr 1fr;gap:12px}
-.note{font-size:13px;color:#5b6474}
-"""
-
-
-def esc(value) -> str:
-    return html.escape(str(value))
-
-
-def fig(src: str, caption: str) -> str:
-    return (f'<figure><img src="{esc(src)}" alt="{esc(caption[:80])}" loading="lazy">'
-            f"<figcaption>{caption}</figcaption></figure>")
-
-
-def table(headers: list[str], rows: list[list], numeric: set[int] = frozenset()) -> str:
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>"
-                                    for i, c in enumerate(row)) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
+REPORT_SCORE = {"test_loss": 0.0649, "test_accuracy": 0.9792}
 
 def confused_pairs(cm: np.ndarray, top: int = 3) -> list[tuple[int, int, int]]:
     off = cm.copy()
@@ -205,14 +175,12 @@ def render_report(out: Path, metrics, history, ex1, ex2, ex3, faith, record) -> 
     s2, k2 = section_exercise2(ex2)
     s3, k3 = section_exercise3(ex3)
     s4, k4 = section_faithfulness(faith)
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>convlens — PW-11 lab report</title><style>{CSS}</style></head>
-<body><header><h1>Understanding a CNN — the PW-11 lab, reproduced by convlens</h1>
-<p>Filter activation statistics, activation maximization and class activation maps, measured and explained.</p></header>
-<nav><a href="#ex1">1 · Statistics</a><a href="#ex2">2 · Activation maximization</a><a href="#ex3">3 · Class activation maps</a><a href="#faith">Faithfulness</a><a href="#record">Run record</a></nav>
-<main>{s1}{s2}{s3}{s4}{section_record(record)}</main></body></html>
-"""
+    body = f"{s1}{s2}{s3}{s4}{section_record(record)}"
+    page = document("convlens — PW-11 lab report", "Understanding a CNN — the PW-11 lab, reproduced by convlens",
+                    "Filter activation statistics, activation maximization and class activation maps, measured and "
+                    "explained.", [("ex1", "1 · Statistics"), ("ex2", "2 · Activation maximization"),
+                                   ("ex3", "3 · Class activation maps"), ("faith", "Faithfulness"),
+                                   ("record", "Run record")], body, out)
     summary = {"exercise1": k1, "exercise2": k2, "exercise3": k3, "faithfulness": k4, "run": record}
     write_json(out / "summary.json", summary)
     return write_text(out / "index.html", page)

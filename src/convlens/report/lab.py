@@ -6,7 +6,6 @@ SHA-256 of the trained model); an interrupted run starts again where it stopped.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 import time
@@ -19,9 +18,9 @@ import torch
 
 from .. import __version__
 from ..errors import ConvlensError
-from ..io import ensure_dir, read_json, write_json
+from ..io import ensure_dir, read_json
+from . import stages
 
-REPORT_SCORE = {"test_loss": 0.0649, "test_accuracy": 0.9792}
 LAB_EXPLAIN_METHODS = ["gradcam", "guided-gradcam", "kerasvis-guided-gradcam", "gradcam++", "layercam",
                        "xgradcam", "saliency", "guided-backprop"]
 
@@ -40,23 +39,8 @@ def file_digest(path: Path) -> str:
 
 
 def run_stage(opts: LabOptions, name: str, key: dict, work: Callable[[Path], dict], timings: dict) -> dict:
-    """Run ``work(folder)`` unless the folder already holds a result for the same key."""
-    folder = ensure_dir(opts.out / name)
-    marker = folder / "stage.json"
-    if marker.exists():
-        try:
-            cached = json.loads(marker.read_text("utf-8"))
-            if cached.get("key") == key:
-                timings[name] = {"seconds": 0.0, "cached": True, "original_seconds": cached.get("seconds")}
-                return cached["result"]
-        except (OSError, ValueError):
-            pass  # a damaged marker: run the stage again
-    start = time.perf_counter()
-    result = work(folder)
-    seconds = time.perf_counter() - start
-    write_json(marker, {"key": key, "seconds": seconds, "result": result})
-    timings[name] = {"seconds": seconds, "cached": False}
-    return result
+    """A cached stage of the lab (see :func:`convlens.report.stages.run_stage`)."""
+    return stages.run_stage(opts.out, name, key, work, timings)
 
 
 def stage_train(opts: LabOptions, timings: dict) -> tuple[dict, str]:

@@ -1,0 +1,43 @@
+"""Cached pipeline stages: a stage's folder holds ``stage.json`` with the key it was computed for."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from ..io import ensure_dir, write_json
+
+
+def run_stage(out: Path, name: str, key: dict, work: Callable[[Path], dict], timings: dict) -> dict:
+    """Run ``work(folder)`` unless ``out/name`` already holds a result for the same key (a damaged
+    marker is computed again)."""
+    folder = ensure_dir(out / name)
+    marker = folder / "stage.json"
+    if marker.exists():
+        try:
+            cached = json.loads(marker.read_text("utf-8"))
+            if isinstance(cached, dict) and cached.get("key") == key and "result" in cached:
+                timings[name] = {"seconds": 0.0, "cached": True, "original_seconds": cached.get("seconds")}
+                return cached["result"]
+        except (OSError, ValueError):
+            pass
+    start = time.perf_counter()
+    result = work(folder)
+    seconds = time.perf_counter() - start
+    write_json(marker, {"key": key, "seconds": seconds, "result": result})
+    timings[name] = {"seconds": seconds, "cached": False}
+    return result
+
+
+def model_digest(model: nn.Module) -> str:
+    """SHA-256 (16 hex digits) of the model's state: names, shapes, dtypes and values."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
