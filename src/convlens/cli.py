@@ -22,6 +22,7 @@ def command(func):
 
 def model_from(a: argparse.Namespace):
     """The model named by --model (with --weights and --profile)."""
+    from .models import load_model
 
     return load_model(a.model, weights=getattr(a, "weights", None), profile=getattr(a, "profile", None))
 
