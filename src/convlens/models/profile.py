@@ -76,8 +76,8 @@ class Preprocessing:
         return "L" if self.channel_order == "L" else "RGB"
 
     def _vectors(self) -> tuple[np.ndarray, np.ndarray]:
-        mean = np.broadcast_to(np.asarray(self.mean, np.float32), (self.channels,))
-        std = np.broadcast_to(np.asarray(self.std, np.float32), (self.channels,))
+        mean = np.array(np.broadcast_to(np.asarray(self.mean, np.float32), (self.channels,)))
+        std = np.array(np.broadcast_to(np.asarray(self.std, np.float32), (self.channels,)))
         return mean, std
 
     @property
@@ -182,20 +182,35 @@ def conv_layers(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
+SKIPPED_FOR_STATS = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
+                     nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d, nn.Identity)
+
+
+def block_paths(model: nn.Module) -> set[str]:
+    """The model's blocks: its children, with long containers (trunks of more than 4 modules) expanded."""
+    paths = set()
+    for name, child in model.named_children():
+        if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) > 4:
+            paths.update(f"{name}.{sub}" for sub, _ in child.named_children())
+        else:
+            paths.add(name)
+    return paths
+
+
 def default_stats_layers(model: nn.Module, example: torch.Tensor, count: int = 3) -> list[str]:
-    """Up to ``count`` conv-block outputs spread over the depth: the last spatial module of each of
-    ``count`` equal parts of the execution order, preferring ReLU-family outputs (post-activation)."""
+    """Up to ``count`` block outputs spread over the depth (post-activation: convolutions, norms,
+    pooling and dropout are skipped when other blocks exist), in execution order."""
     from ..hooks import spatial_layers
 
-    layers = [(p, s, m) for p, s, m in spatial_layers(model, example) if not list(m.children())]
-    if not layers:
+    blocks = block_paths(model)
+    layers = list(dict.fromkeys(p for p, _, _ in spatial_layers(model, example) if p in blocks))
+    kinds = dict(model.named_modules())
+    pool = [p for p in layers if not isinstance(kinds[p], SKIPPED_FOR_STATS)] or layers
+    if not pool:
         raise ConvlensError("the model has no layer with a spatial (N, C, H, W) output")
-    act = [x for x in layers if isinstance(x[2], (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.LeakyReLU, nn.Hardswish))]
-    pool = act or [x for x in layers if isinstance(x[2], nn.Conv2d)] or layers
     if len(pool) <= count:
-        return [p for p, _, _ in pool]
-    picks = [pool[round((i + 1) * len(pool) / count) - 1][0] for i in range(count)]
-    return list(dict.fromkeys(picks))
+        return pool
+    return list(dict.fromkeys(pool[round((i + 1) * len(pool) / count) - 1] for i in range(count)))
 
 
 def output_classes(model: nn.Module, example: torch.Tensor) -> int:

@@ -85,7 +85,7 @@ def lite0_profile() -> ModelProfile:
     return ModelProfile(name="efficientnet-lite0", class_names=imagenet_class_names(), preprocess=pre,
                         deprocess=pre.deprocess, input_shape=(3, IMAGE_SIZE, IMAGE_SIZE),
                         value_range=pre.value_range, image_mode="RGB", from_unit=pre.from_unit,
-                        stats_layers=["_blocks.2", "_blocks.7", "_head_act"], explain_layer=None,
+                        stats_layers=["_blocks.4", "_blocks.10", "_head_act"], explain_layer=None,
                         evaluation=EvaluationDefaults(), randomization_groups=stage_groups)
 
 
