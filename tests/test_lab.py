@@ -1,4 +1,6 @@
 """End to end: `convlens lab --fast`, the report's content, and the page in headless Chromium."""
+import base64
+import io
 import json
 import re
 import shutil
@@ -48,8 +50,9 @@ def test_report_is_complete_and_self_contained(lab_dir):
     assert parser.scripts == 0 and not parser.links
     assert not re.search(r'src="(https?:)?//', page)
     assert len(parser.images) >= 20
-    for src in parser.images:
-        with Image.open(lab_dir / src) as img:
+    for src in parser.images:  # every image inlined: the page alone shows them all
+        assert src.startswith("data:image/png;base64,"), src[:80]
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as img:
             img.load()
             assert img.width > 0
 
