@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .attribution import make_method, uses_layer
 from .data.images import expand_image_paths, open_image, package_photos_dir
@@ -21,6 +20,7 @@ from .attribution.base import select_output
 from .hooks import evaluating, resolve_layer
 from .io import ensure_dir, save_npz, write_json
 from .models.registry import LoadedModel
+from .progress import progress as progress_of
 
 # Score-CAM is left out of the default set: ~15 s per photo on EfficientNet-Lite0 on 2 cores.
 DEFAULT_METHODS = ["gradcam", "guided-gradcam", "gradcam++", "layercam", "xgradcam", "saliency",
@@ -120,7 +120,7 @@ def run_methods(loaded: LoadedModel, x: torch.Tensor, methods: list[str], target
                 progress: bool = True) -> dict:
     """{method: Attribution} for the whole batch, with the seconds each took."""
     results, seconds = {}, {}
-    for name in tqdm(methods, desc="methods", disable=not progress, leave=False):
+    for name in progress_of(methods, desc="methods", unit="method", enabled=progress):
         method_layer = (layer or loaded.profile.explain_layer) if uses_layer(name) else None
         method = make_method(name, loaded.model, layer=method_layer, **SLOW_OPTIONS.get(name, {}))
         start = time.perf_counter()
@@ -134,7 +134,7 @@ def explain(loaded: LoadedModel, items, out: str | Path, methods: list[str] | No
             overlays: list[str] | None = None) -> dict:
     """Predictions, per-image overlays (of ``overlays``, default every method), side-by-side figures and
     raw maps into ``out``."""
-    from .plots.attribution import plot_methods, plot_overlay
+    from .plots.attribution import method_panel, plot_methods, plot_overlay, shows_sign
 
     out = ensure_dir(out)
     methods = methods or DEFAULT_METHODS
@@ -148,19 +148,20 @@ def explain(loaded: LoadedModel, items, out: str | Path, methods: list[str] | No
     rows = prediction_rows(loaded, batch.paths, probs, 5)
     run = run_methods(loaded, batch.x, methods, target_index, layer, progress)
     figures = {}
-    for i, path in enumerate(tqdm(batch.paths, desc="figures", disable=not progress, leave=False)):
+    for i, path in enumerate(progress_of(batch.paths, desc="figures", unit="image", enabled=progress)):
         image = loaded.deprocess(batch.x[i])
         stem = path.stem
         cls = int(run["results"][methods[0]].targets[i])
         label = loaded.class_names[cls] if cls >= 0 else "custom target"
-        norm = {name: res.normalized[i].cpu().numpy() for name, res in run["results"].items()}
         raws = {name: res.raw[i].cpu().numpy() for name, res in run["results"].items()}
+        panels = {name: method_panel(name, image, raws[name], res.maps[i].cpu().numpy())
+                  for name, res in run["results"].items()}
         figures[path.name] = {"overlays": {}}
         for name in overlays or methods:
             figures[path.name]["overlays"][name] = str(plot_overlay(
-                image, norm[name], f"{name}: {label}", out / f"{stem}_{name}.png").name)
-        figures[path.name]["methods"] = plot_methods(image, norm, f"{path.name}: {label}",
-                                                     out / f"{stem}_methods.png", raws).name
+                image, panels[name], f"{name}: {label}", out / f"{stem}_{name}.png", shows_sign(name)).name)
+        figures[path.name]["methods"] = plot_methods(image, panels, f"{path.name}: {label}",
+                                                     out / f"{stem}_methods.png").name
         save_npz(out / f"{stem}_maps.npz", **{f"{name}_raw": raws[name] for name in methods},
                  **{f"{name}_map": run["results"][name].maps[i].cpu().numpy() for name in methods})
     summary = {"model": loaded.name, "methods": methods, "predictions": rows, "figures": figures,

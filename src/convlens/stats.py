@@ -23,10 +23,10 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from .errors import ConvlensError
 from .hooks import capture, resolve_layer
+from .progress import progress as progress_of
 
 
 @dataclass
@@ -145,7 +145,7 @@ def collect(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     for name in layers:
         resolve_layer(model, name)
     model.eval()
-    for x, y in tqdm(batches, desc="statistics", disable=not progress, total=total, unit="batch", leave=False):
+    for x, y in progress_of(batches, desc="statistics", enabled=progress, total=total, unit="batch"):
         if stats is None:
             stats = FilterStats(layer_shapes(model, layers, x), classes)
         with capture(model, layers) as kept, torch.no_grad():

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from . import __version__
 from .data.mnist import load_mnist, train_val_split
@@ -24,6 +23,7 @@ from .errors import ConvlensError
 from .io import ensure_dir, save_torch, write_json
 from .models.labnet import LabNet
 from .models.registry import CHECKPOINT_FORMAT, load_checkpoint
+from .progress import progress as progress_of
 
 VAL_SIZE = 5000
 
@@ -123,8 +123,8 @@ def train_one_epoch(model, opt, x, y, recipe: Recipe, epoch: int, seed: int, pro
     steps_per_epoch = math.ceil(len(x) / recipe.batch_size)
     total_steps = steps_per_epoch * recipe.epochs
     loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.long)
-    bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{recipe.epochs}", leave=False,
-               disable=not progress, unit="batch")
+    bar = progress_of(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{recipe.epochs}", enabled=progress,
+                      unit="batch")
     for step in bar:
         idx = perm[step * recipe.batch_size:(step + 1) * recipe.batch_size]
         xb, yb = x[idx], y[idx]
@@ -190,8 +190,8 @@ def train(out: str | Path, recipe: Recipe, seed: int = 0, resume: bool = False, 
         model.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
         history, start, best = ckpt["history"], ckpt["epoch"], ckpt["best"]
-    epochs = tqdm(range(start, recipe.epochs), desc="training", disable=not progress, unit="epoch",
-                  initial=start, total=recipe.epochs)
+    epochs = progress_of(range(start, recipe.epochs), desc="training", enabled=progress, unit="epoch",
+                         initial=start, total=recipe.epochs, per_item=True)
     for epoch in epochs:
         t0 = time.perf_counter()
         row = train_one_epoch(model, opt, xtr, ytr, recipe, epoch, seed, progress)

@@ -124,6 +124,8 @@ class Method:
 
     name = "method"
     needs_layer = False  # True for methods that read a layer (see uses_layer)
+    signed = False              # maps carry meaningful negative values
+    gradient_image = False      # raw is an input-shaped gradient worth showing as an image
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None,
                  output_selector: OutputSelector = None, interpolation: str = "bilinear"):

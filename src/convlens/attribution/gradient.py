@@ -65,6 +65,7 @@ class GuidedBackprop(GradientMethod):
 
     name = "guided-backprop"
     rule = "guided"
+    gradient_image = True
 
 
 class Deconvnet(GradientMethod):
@@ -72,6 +73,7 @@ class Deconvnet(GradientMethod):
 
     name = "deconvnet"
     rule = "deconvnet"
+    gradient_image = True
 
 
 class InputXGradient(GradientMethod):
@@ -79,6 +81,7 @@ class InputXGradient(GradientMethod):
 
     name = "input-x-gradient"
     reduction = "sum"
+    signed = True
 
     def raw_map(self, x, target):
         grad, _, targets = self.input_gradients(x, target)
@@ -91,6 +94,7 @@ class GuidedGradCAM(GradientMethod):
     name = "guided-gradcam"
     reduction = "absmax"
     needs_layer = True
+    gradient_image = True
 
     def attribute(self, inputs, target=None) -> Attribution:
         x = check_input(self.model, inputs)
@@ -111,6 +115,7 @@ class IntegratedGradients(GradientMethod):
 
     name = "integrated-gradients"
     reduction = "sum"
+    signed = True
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", reduction=None,
                  steps: int = 64, baseline="zero", batch_size: int = 256, input_min: float = 0.0):

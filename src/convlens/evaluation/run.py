@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from ..attribution import METHODS, make_method, uses_layer
 from ..data.mnist import load_mnist
@@ -16,6 +15,7 @@ from ..io import ensure_dir, write_json
 from ..attribution.base import select_output
 from ..hooks import evaluating
 from ..models.registry import LoadedModel, load_model
+from ..progress import progress as progress_of
 from . import perturbation, sanity
 
 FAST_METHODS = ["gradcam", "gradcam++", "layercam", "xgradcam", "saliency", "guided-backprop", "deconvnet",
@@ -58,7 +58,7 @@ def layer_for(name: str, loaded: LoadedModel) -> str | None:
 
 def compute_maps(loaded: LoadedModel, methods: list[str], x: torch.Tensor, targets: torch.Tensor, progress: bool):
     maps, seconds = {}, {}
-    for name in tqdm(methods, desc="maps", disable=not progress, leave=False):
+    for name in progress_of(methods, desc="maps", unit="method", enabled=progress):
         method = make_method(name, loaded.model, layer=layer_for(name, loaded), **method_options(name, loaded))
         start = time.perf_counter()
         maps[name] = method.attribute(x, targets)
@@ -108,7 +108,7 @@ def evaluate(loaded: LoadedModel, out, methods: list[str] | None = None, images=
     steps = steps or loaded.profile.evaluation.steps
     table, curves = {}, {}
     start = time.perf_counter()
-    for name in tqdm(methods, desc="deletion/insertion", disable=not progress, leave=False):
+    for name in progress_of(methods, desc="deletion/insertion", unit="method", enabled=progress):
         maps = results[name].maps
         c = perturbation.deletion_insertion(loaded.model, x, maps, targets, steps=steps)
         adic = perturbation.average_drop_increase(loaded.model, x, results[name].normalized, targets)

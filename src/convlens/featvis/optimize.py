@@ -18,10 +18,10 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ..errors import ConvlensError
 from ..hooks import capture, frozen
+from ..progress import progress as progress_of
 from ..runtime import channels_last_weights
 from .objectives import LOGITS, Objective
 from .param import FourierColorParam, PixelParam, jitter, rotate_scale
@@ -183,7 +183,7 @@ def run_default(evaluator, n, shape, cfg: ActMaxConfig, w, gen, device) -> ActMa
         to_model = None
     opt = torch.optim.Adam(param.parameters(), lr=cfg.lr)
     history = []
-    for _ in tqdm(range(cfg.steps), desc="activation maximization", disable=not cfg.progress, leave=False):
+    for _ in progress_of(range(cfg.steps), desc="activation maximization", unit="step", enabled=cfg.progress):
         img = param.image()
         x = to_model(img) if to_model else img
         xt = rotate_scale(jitter(x, pixels, gen), cfg.rotate, cfg.scale, gen)
@@ -214,8 +214,8 @@ def run_kerasvis(evaluator, n, shape, cfg: ActMaxConfig, w, gen, device) -> ActM
     best = x.detach().clone()
     pixels = cfg.jitter or 0
     history = []
-    for _ in tqdm(range(cfg.steps), desc="activation maximization (keras-vis)", disable=not cfg.progress,
-                  leave=False):
+    for _ in progress_of(range(cfg.steps), desc="activation maximization (keras-vis)", unit="step",
+                      enabled=cfg.progress):
         xt = rotate_scale(jitter(x, pixels, gen), cfg.rotate, cfg.scale, gen)
         values, _ = evaluator(xt)
         loss = regularized_loss(x, values, cfg, w)

@@ -25,15 +25,15 @@ def show(ax, img: torch.Tensor) -> None:
 
 def plot_sweep(display, classes, tv_weights, chosen, probs, loaded, path: Path) -> Path:
     rows, cols = len(tv_weights), len(classes)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.25 * cols + 0.8, 1.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.25 * cols + 0.8, 1.45 * rows + 0.5), squeeze=False,
+                             layout="constrained")
     for i, w in enumerate(tv_weights):
         for j, c in enumerate(classes):
             ax = axes[i, j]
             show(ax, display[i * cols + j])
-            ax.set_title(f"p={probs[i, j]:.2f}", fontsize=7, pad=2)
+            ax.set_xlabel(f"p={probs[i, j]:.2f}", fontsize=7, labelpad=1)
             if i == 0:
-                ax.set_xlabel(loaded.class_names[c], fontsize=8)
-                ax.xaxis.set_label_position("top")
+                ax.set_title(loaded.class_names[c], fontsize=9)
             if j == 0:
                 ax.set_ylabel(f"tv {w:g}" + ("  ◀ chosen" if w == chosen else ""), fontsize=8,
                               color="crimson" if w == chosen else "black")
@@ -42,13 +42,13 @@ def plot_sweep(display, classes, tv_weights, chosen, probs, loaded, path: Path) 
                     spine.set_edgecolor("crimson")
                     spine.set_linewidth(2)
     fig.suptitle("Activation maximization: rows = tv weight, columns = class "
-                 "(p = softmax probability of the target)", fontsize=9)
+                 "(p = softmax probability of the target)", fontsize=10)
     return save_figure(fig, path)
 
 
 def plot_row(display, labels, title, path: Path) -> Path:
     n = len(labels)
-    fig, axes = plt.subplots(1, n, figsize=(1.5 * n, 1.9), squeeze=False)
+    fig, axes = plt.subplots(1, n, figsize=(1.5 * n, 2.1), squeeze=False, layout="constrained")
     for ax, img, label in zip(axes[0], display, labels):
         show(ax, img)
         ax.set_title(label, fontsize=8)
@@ -57,7 +57,7 @@ def plot_row(display, labels, title, path: Path) -> Path:
 
 
 def plot_pair(img, record: dict, loaded, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(2.6, 2.9))
+    fig, ax = plt.subplots(figsize=(2.6, 2.9), layout="constrained")
     show(ax, img)
     a, b = record["targets"]
     pa, pb = record["target_probabilities"]

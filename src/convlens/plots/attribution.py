@@ -1,4 +1,16 @@
-"""Attribution figures: a map over its image, and all methods side by side."""
+"""Attribution figures: one display rule for every map (explain, the lab and the report all use it).
+
+Contrast is robust: a map is divided by the 99th percentile of its |values| and clipped, so a few extreme
+pixels (typical of gradients) no longer squeeze everything else into the background. What a method's map
+is comes from its class (``gradient_image``, ``signed``):
+
+- a gradient worth showing as an image (guided backprop, deconvnet, guided Grad-CAM): on a colour input,
+  the gradient itself as an image centred on grey (grey = 0); on a grey input, its sign in colour (below);
+- signed maps (integrated gradients, input × gradient): red for positive, blue for negative over a
+  dimmed image, opacity = |value|;
+- unsigned, per pixel (saliency, SmoothGrad): a perceptual colormap over a dimmed image, opacity = value;
+- unsigned, coarse (CAM family: a layer-resolution raw map): jet over the image, as in the papers.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +19,31 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ..io import save_figure
+from . import wrap_title
+
+ROBUST_PERCENTILE = 99.0
+SIGNED_NOTE = ("Signed maps: red raises the class score, blue lowers it; gradient images: grey = 0. "
+               f"Every map is clipped at the {ROBUST_PERCENTILE:g}th percentile of its |values|.")
+POSITIVE, NEGATIVE = np.array([0.95, 0.15, 0.1]), np.array([0.15, 0.5, 1.0])  # bright on the dimmed backdrop
+
+
+def display_map(values: np.ndarray, signed: bool, percentile: float = ROBUST_PERCENTILE) -> np.ndarray:
+    """A map scaled for display by q = the ``percentile``-th percentile of |values| (the max if q is 0).
+
+    signed: clip(v / q, −1, 1), so 0 stays 0 and display_map(−v) = −display_map(v);
+    unsigned: clip(|v| / q, 0, 1). A flat (all-zero) or non-finite map gives zeros, never NaN.
+    Any shape; one sample at a time (the percentile runs over all of its elements).
+    """
+    v = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    magnitude = np.abs(v)
+    if magnitude.size == 0:
+        return magnitude
+    scale = float(np.percentile(magnitude, percentile))
+    if scale <= 0:  # fewer non-zero values than 1 − percentile: scale on the largest
+        scale = float(magnitude.max())
+    if scale <= 0:
+        return np.zeros_like(v)
+    return np.clip(v / scale, -1.0, 1.0) if signed else np.clip(magnitude / scale, 0.0, 1.0)
 
 
 def to_rgb(image: np.ndarray) -> np.ndarray:
@@ -14,49 +51,103 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
 
 
+def dimmed(image: np.ndarray) -> np.ndarray:
+    """The image as a low-contrast grey backdrop (luminance mapped to [0.2, 0.5])."""
+    rgb = to_rgb(image)
+    grey = rgb @ np.array([0.299, 0.587, 0.114])
+    return to_rgb(0.2 + 0.3 * grey)
+
+
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5, cmap: str = "jet") -> np.ndarray:
-    """Blend a normalized map (H, W) in [0, 1] over an image, jet colours."""
+    """Blend a map (H, W) in [0, 1] over an image with a constant opacity."""
     colours = plt.get_cmap(cmap)(np.clip(heat, 0, 1))[..., :3]
     return np.clip((1 - alpha) * to_rgb(image) + alpha * colours, 0, 1)
 
 
+def weighted_overlay(image: np.ndarray, colours: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Colours (H, W, 3) over the dimmed image with opacity ``weight`` (H, W) in [0, 1]."""
+    w = np.clip(weight, 0, 1)[..., None]
+    return np.clip((1 - w) * dimmed(image) + w * colours, 0, 1)
+
+
+def signed_overlay(image: np.ndarray, shown: np.ndarray) -> np.ndarray:
+    """A display-scaled signed map in [−1, 1]: red positive, blue negative, opacity |value|."""
+    colours = np.where(shown[..., None] >= 0, POSITIVE, NEGATIVE)
+    return weighted_overlay(image, colours, np.abs(shown))
+
+
+def magnitude_overlay(image: np.ndarray, shown: np.ndarray, cmap: str = "inferno") -> np.ndarray:
+    """A display-scaled map in [0, 1] on a perceptual colormap (from its bright half), opacity = value."""
+    colours = plt.get_cmap(cmap)(0.35 + 0.65 * np.clip(shown, 0, 1))[..., :3]
+    return weighted_overlay(image, colours, shown)
+
+
 def gradient_image(raw: np.ndarray) -> np.ndarray:
-    """A signed input-shaped gradient (C, H, W) shown as an image centred on grey."""
-    arr = raw.transpose(1, 2, 0) if raw.ndim == 3 else raw
-    scale = np.abs(arr).max() or 1.0
-    out = 0.5 + 0.5 * arr / scale
-    return to_rgb(out[..., 0] if out.ndim == 3 and out.shape[2] == 1 else out)
+    """A signed input-shaped gradient (3, H, W) as a colour image centred on grey (grey = 0)."""
+    return 0.5 + 0.5 * display_map(raw.transpose(1, 2, 0), signed=True)
 
 
-def plot_overlay(image: np.ndarray, heat: np.ndarray, title: str, path: str | Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.4))
+def method_traits(name: str) -> tuple[bool, bool]:
+    """(gradient_image, signed) of a registered method, read from its class (False for unknown names)."""
+    from ..attribution import METHODS
+
+    cls = METHODS.get(name)
+    return bool(getattr(cls, "gradient_image", False)), bool(getattr(cls, "signed", False))
+
+
+def method_panel(name: str, image: np.ndarray, raw: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """How one method's map of one image is shown: an (H, W, 3) image in [0, 1].
+
+    ``image``: the input (H, W) or (H, W, 3) in [0, 1]; ``raw``: the method's own output for this image
+    ((C, H, W) for gradient methods, (h, w) for CAMs); ``heat``: its (H, W) map at input resolution.
+    """
+    as_gradient, signed = method_traits(name)
+    per_pixel = raw.ndim == 3
+    if as_gradient and per_pixel:
+        if raw.shape[0] == 3:
+            return gradient_image(raw)
+        return signed_overlay(image, display_map(raw.sum(0), signed=True))
+    if signed:
+        return signed_overlay(image, display_map(heat, signed=True))
+    shown = display_map(heat, signed=False)
+    return magnitude_overlay(image, shown) if per_pixel else overlay(image, shown)
+
+
+def shows_sign(name: str) -> bool:
+    """Whether the method's panel shows a sign (red/blue or around grey)."""
+    return any(method_traits(name))
+
+
+def plot_overlay(image: np.ndarray, panel: np.ndarray, title: str, path: str | Path, signed: bool = False) -> Path:
+    """The input beside one method's panel (see ``method_panel``); ``signed`` adds the colour key."""
+    fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.4), layout="constrained")
     axes[0].imshow(to_rgb(image))
-    axes[0].set_title("input")
-    axes[1].imshow(overlay(image, heat))
+    axes[0].set_title("input", fontsize=9)
+    axes[1].imshow(panel)
     axes[1].set_title(title, fontsize=9)
     for ax in axes:
         ax.axis("off")
+    if signed:
+        fig.supxlabel(wrap_title(SIGNED_NOTE, 6.4, 8), fontsize=8)
     return save_figure(fig, path)
 
 
-def plot_methods(image: np.ndarray, maps: dict[str, np.ndarray], title: str, path: str | Path,
-                 raws: dict[str, np.ndarray] | None = None) -> Path:
-    """Input, then one panel per method (gradient methods as images, others as overlays)."""
-    n = len(maps) + 1
+def plot_methods(image: np.ndarray, panels: dict[str, np.ndarray], title: str, path: str | Path) -> Path:
+    """Input, then one panel per method (see ``method_panel``)."""
+    n = len(panels) + 1
     cols = min(n, 5)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.7 * rows + 0.4), squeeze=False,
+                             layout="constrained")
     axes = axes.ravel()
     axes[0].imshow(to_rgb(image))
     axes[0].set_title("input", fontsize=9)
-    for ax, (name, heat) in zip(axes[1:], maps.items()):
-        raw = (raws or {}).get(name)
-        if raw is not None and raw.ndim == 3 and name in ("guided-backprop", "guided-gradcam", "deconvnet"):
-            ax.imshow(gradient_image(raw))
-        else:
-            ax.imshow(overlay(image, heat))
+    for ax, (name, panel) in zip(axes[1:], panels.items()):
+        ax.imshow(panel)
         ax.set_title(name, fontsize=9)
     for ax in axes:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
+    if any(shows_sign(name) for name in panels):
+        fig.supxlabel(SIGNED_NOTE, fontsize=8)
     return save_figure(fig, path)

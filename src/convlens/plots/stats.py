@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from ..io import save_figure
+from . import wrap_title
 
 STRENGTH_THRESHOLD = 0.1
 
@@ -38,7 +39,8 @@ def plot_rank_overlay(stats: dict[str, dict], class_means: np.ndarray, path: str
     """Grid rows = layers, columns = classes; pixels coloured by the rank of their dominant filter."""
     layers = list(stats)
     n_cls = len(class_names)
-    fig, axes = plt.subplots(len(layers), n_cls, figsize=(1.55 * n_cls + 1.2, 1.7 * len(layers)), squeeze=False)
+    fig, axes = plt.subplots(len(layers), n_cls, figsize=(1.55 * n_cls + 1.2, 1.7 * len(layers) + 0.4), squeeze=False,
+                             layout="constrained")
     size = class_means.shape[-1]
     for r, layer in enumerate(layers):
         k = stats[layer]["score"].shape[1]
@@ -58,7 +60,7 @@ def plot_rank_overlay(stats: dict[str, dict], class_means: np.ndarray, path: str
         sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0.5, k + 0.5))
         cb = fig.colorbar(sm, ax=axes[r, :].tolist(), fraction=0.02, pad=0.01)
         cb.set_ticks([1, k])
-        cb.set_ticklabels(["rank 1\n(most)", f"rank {k}\n(least)"])
+        cb.set_ticklabels(["rank 1 (most)", f"rank {k} (least)"], fontsize=8)
     fig.suptitle("Dominant filter per pixel, coloured by its rank for the class (red = most important, "
                  "blue = least); uncoloured: weak", fontsize=10)
     return save_figure(fig, path)
@@ -66,7 +68,7 @@ def plot_rank_overlay(stats: dict[str, dict], class_means: np.ndarray, path: str
 
 def plot_score_heatmaps(stats: dict[str, dict], path: str | Path, class_names: list[str]) -> Path:
     layers = list(stats)
-    fig, axes = plt.subplots(1, len(layers), figsize=(4.3 * len(layers), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(layers), figsize=(4.3 * len(layers), 4), squeeze=False, layout="constrained")
     for ax, layer in zip(axes[0], layers):
         score = stats[layer]["score"]
         im = ax.imshow(score, cmap="viridis", aspect="auto")
@@ -81,7 +83,8 @@ def plot_score_bars(stat: dict, layer: str, path: str | Path, class_names: list[
     n = len(class_names)
     cols = 5
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.3 * rows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.3 * rows + 0.3), squeeze=False, sharey=True,
+                             layout="constrained")
     k = stat["score"].shape[1]
     colours = plt.get_cmap("jet_r", k)(np.arange(k))
     for c, ax in enumerate(axes.ravel()):
@@ -101,7 +104,8 @@ def plot_class_probability(stats: dict[str, dict], path: str | Path, class_names
     """P(c | top filter of c active at (i, j)) = M[c,k,i,j] / Σ_c' M[c',k,i,j] for the class's rank-1 filter."""
     layers = list(stats)
     n = len(class_names)
-    fig, axes = plt.subplots(len(layers), n, figsize=(1.5 * n + 1, 1.6 * len(layers)), squeeze=False)
+    fig, axes = plt.subplots(len(layers), n, figsize=(1.5 * n + 1, 1.7 * len(layers) + 0.4), squeeze=False,
+                             layout="constrained")
     for r, layer in enumerate(layers):
         m = stats[layer]["mean_map"]
         total = m.sum(0)
@@ -139,9 +143,9 @@ def plot_mosaic(tiles: np.ndarray, row_labels: list[str], col_labels: list[str] 
         peak = tiles.reshape(rows, -1).max(1)
         tiles = tiles / np.where(peak > 0, peak, 1)[:, None, None, None]
     big = mosaic(tiles, pad=max(1, h // 10))
-    fig, ax = plt.subplots(figsize=(min(0.62 * cols + 1.0, 18), 0.62 * rows + 0.9))
-    cm = plt.get_cmap(cmap).copy()
-    cm.set_bad("white")
+    width = min(0.62 * cols + 1.0, 18)
+    fig, ax = plt.subplots(figsize=(width, 0.62 * rows + 0.9), layout="constrained")
+    cm = plt.get_cmap(cmap).with_extremes(bad="white")
     ax.imshow(np.ma.masked_invalid(big), cmap=cm, interpolation="nearest")
     step_y, step_x = big.shape[0] / rows, big.shape[1] / cols
     ax.set_yticks([(r + 0.45) * step_y for r in range(rows)])
@@ -156,7 +160,7 @@ def plot_mosaic(tiles: np.ndarray, row_labels: list[str], col_labels: list[str] 
     ax.tick_params(length=0)
     for spine in ax.spines.values():
         spine.set_visible(False)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(wrap_title(title, width, 9), fontsize=9)
     return save_figure(fig, path)
 
 
@@ -175,7 +179,7 @@ def plot_feature_maps(image: np.ndarray, acts: np.ndarray, layer: str, path: str
     k = acts.shape[0]
     cols = min(k + 1, 10)
     rows = (k + 1 + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.5 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.4 * cols, 1.5 * rows + 0.3), squeeze=False, layout="constrained")
     axes = axes.ravel()
     axes[0].imshow(image, cmap="gray")
     axes[0].set_title("input", fontsize=8)
@@ -184,7 +188,7 @@ def plot_feature_maps(image: np.ndarray, acts: np.ndarray, layer: str, path: str
         axes[i + 1].set_title(f"filter {i}", fontsize=7)
     for ax in axes:
         ax.axis("off")
-    fig.suptitle(title or f"{layer} feature maps", fontsize=9)
+    fig.suptitle(wrap_title(title or f"{layer} feature maps", 1.4 * cols, 9), fontsize=9)
     return save_figure(fig, path)
 
 
@@ -205,7 +209,7 @@ def plot_all_digits(images: np.ndarray, acts: np.ndarray, layer: str, path: str 
 def plot_kernels(weights: np.ndarray, path: str | Path, layer: str = "l1") -> Path:
     """First-layer kernels (K, 1, h, w) on a shared diverging scale."""
     k = weights.shape[0]
-    fig, axes = plt.subplots(1, k, figsize=(1.2 * k, 1.5), squeeze=False)
+    fig, axes = plt.subplots(1, k, figsize=(1.2 * k, 1.6), squeeze=False, layout="constrained")
     vmax = np.abs(weights).max() or 1.0
     for i in range(k):
         axes[0, i].imshow(weights[i, 0], cmap="RdBu_r", vmin=-vmax, vmax=vmax)

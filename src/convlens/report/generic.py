@@ -53,9 +53,8 @@ def check_options(opts: ReportOptions) -> None:
 def stage_accuracy(loaded: LoadedModel, folder, names: list[str], items, out: Path, progress: bool) -> dict:
     """Predictions on every image of the folder (streamed): accuracy, confusion over the folder's
     classes (last column: any other class), per-image rows."""
-    from tqdm import tqdm
-
     from ..plots.training import plot_confusion
+    from ..progress import progress as progress_of
 
     k = len(folder.classes)
     to_folder = {m: c for c, m in enumerate(folder.model_index)}
@@ -64,7 +63,8 @@ def stage_accuracy(loaded: LoadedModel, folder, names: list[str], items, out: Pa
     from ..explain import predict
 
     batches = stream_batches(items, loaded.preprocess, loaded.profile.image_mode, 64, skipped=skipped)
-    for x, y, idx in tqdm(batches, "accuracy", disable=not progress, total=-(-len(items) // 64), leave=False):
+    for x, y, idx in progress_of(batches, desc="accuracy", enabled=progress, total=-(-len(items) // 64),
+                                   unit="batch"):
         probs = predict(loaded, x)
         p, pred = probs.max(1)
         for yi, pi, predi, i in zip(y.tolist(), p.tolist(), pred.tolist(), idx.tolist()):

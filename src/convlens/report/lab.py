@@ -147,14 +147,13 @@ def run_record(opts: LabOptions, timings: dict) -> dict:
 
 def run_lab(opts: LabOptions) -> Path:
     """All stages, then ``index.html`` and ``summary.json``; returns the report's path."""
-    from tqdm import tqdm
-
+    from ..progress import progress
     from .html import render_report
 
     opts.out = ensure_dir(opts.out)
     timings: dict = {}
     start = time.perf_counter()
-    bar = tqdm(total=6, desc="lab", unit="stage", disable=not opts.progress)
+    bar = progress(desc="lab", total=6, unit="stage", enabled=opts.progress, per_item=True)
 
     def step(label: str):
         bar.set_description(f"lab: {label}")
