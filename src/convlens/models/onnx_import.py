@@ -1,0 +1,249 @@
+"""Load an ONNX file as a torch module whose layers keep the ONNX node names.
+
+``load_onnx("model.onnx")`` returns an :class:`OnnxModel`: one submodule per ONNX node,
+named after the node (sanitized: ``/l3/relu/Relu`` → ``l3_relu_Relu``), run in the file's
+order. So ``resolve_layer(model, "l3_relu_Relu")``, ``--layer``, forward hooks and every
+attribution method work on it as on a native network; convolutions, batch norms, dense
+layers, ReLUs and pools are the ordinary torch modules (``nn.Conv2d``, ``nn.BatchNorm2d``,
+``nn.Linear``, ``nn.ReLU``/``nn.ReLU6``, ``nn.MaxPool2d`` …), which is what the
+guided-backprop rule and the layer pickers look for. Nodes whose inputs are all constants
+(shape arithmetic, ``Constant``) are evaluated once at load time and leave no module.
+
+Why our own converter rather than onnx2torch (1.5.15): onnx2torch imports torchvision at
+import time (for its NonMaxSuppression and RoiAlign converters), and torchvision cannot be
+imported beside torch 2.13 here. Making that import harmless means either a fake
+torchvision in ``sys.modules`` while onnx2torch loads — which leaks into, or races with,
+the user's own imports of torchvision in the same process, and breaks whenever onnx2torch
+reorganizes its package — or importing its private submodules one by one, which depends on
+its internal layout. Its output is also a ``torch.fx`` graph whose module names and
+activation modules we do not control. The CNN operator set is small (see
+:mod:`convlens.models.onnx_ops`), its semantics are written in the ONNX spec, and owning
+it gives predictable layer names, standard torch layer classes, and a clear error for
+anything else: ``ONNX operator 'NonMaxSuppression' (node 'nms_1') is not supported``.
+
+Needs the ``onnx`` package (``pip install 'convlens[onnx]'``).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConvlensError
+from .onnx_ops import CONVERTERS, NodeContext, runtime_positions
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def looks_like_onnx(spec: str | Path) -> bool:
+    """Whether a ``--model`` value names an ONNX file (by its ``.onnx`` suffix)."""
+    return str(spec).lower().endswith(".onnx")
+
+
+def import_onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise ConvlensError("loading ONNX models needs the onnx package: pip install 'convlens[onnx]'") from None
+    return onnx
+
+
+# ---------------------------------------------------------------- the torch side
+class OnnxModel(nn.Module):
+    """An ONNX graph as a torch module: one submodule per node, executed in the file's (topological) order.
+
+    ``onnx_names`` maps each submodule's name to its ONNX node name; ``input_shape`` (C, H, W)
+    is set when the file declares a static image input.
+    """
+
+    def __init__(self, input_names: list[str], output_names: list[str]):
+        super().__init__()
+        self.input_names, self.output_names = input_names, output_names
+        self.steps: list[tuple[str, list[str], str, list[str]]] = []  # (module, inputs, output, released)
+        self.onnx_names: dict[str, str] = {}
+
+    def add_step(self, module_name: str, module: nn.Module, inputs: list[str], output: str, node_name: str):
+        self.add_module(module_name, module)
+        self.steps.append((module_name, inputs, output, []))
+        self.onnx_names[module_name] = node_name
+
+    def plan_release(self) -> None:
+        """After each step, drop the values no later step and no output needs (keeps memory flat)."""
+        last_use: dict[str, int] = {}
+        for i, (_, inputs, _, _) in enumerate(self.steps):
+            for name in inputs:
+                last_use[name] = i
+        keep = set(self.output_names)
+        for i, (_, inputs, _, released) in enumerate(self.steps):
+            released[:] = sorted({n for n in inputs if last_use[n] == i and n not in keep})
+
+    def forward(self, *inputs: torch.Tensor):
+        if len(inputs) != len(self.input_names):
+            raise ConvlensError(f"the ONNX model takes {len(self.input_names)} input(s) "
+                                f"({', '.join(self.input_names)}), got {len(inputs)}")
+        values: dict[str, Any] = dict(zip(self.input_names, inputs))
+        for module_name, names, output, released in self.steps:
+            values[output] = self._modules[module_name](*(values[n] for n in names))
+            for name in released:
+                del values[name]
+        outputs = tuple(values[n] for n in self.output_names)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+# ---------------------------------------------------------------- reading the file
+def read_model(path: str | Path):
+    """Parse and validate the file; every failure is one ConvlensError line."""
+    onnx = import_onnx()
+    path = Path(path)
+    if not path.is_file():
+        raise ConvlensError(f"{path}: no such ONNX file")
+    try:
+        proto = onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - protobuf decode errors of every kind
+        raise ConvlensError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
+    if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.graph.node:
+        raise ConvlensError(f"{path}: not an ONNX model (no graph)")
+    check_supported(proto)
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:  # noqa: BLE001 - ValidationError and friends
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConvlensError(f"{path}: invalid ONNX model ({first})") from None
+    return proto
+
+
+def check_supported(proto) -> None:
+    """The first node whose operator has no converter → ConvlensError naming both."""
+    for node in proto.graph.node:
+        op = node.op_type if node.domain in DEFAULT_DOMAINS else f"{node.domain}.{node.op_type}"
+        if node.domain not in DEFAULT_DOMAINS or node.op_type not in CONVERTERS:
+            raise ConvlensError(f"ONNX operator {op!r} (node {node.name or '(unnamed)'!r}) is not supported")
+
+
+def default_opset(proto) -> int:
+    return max((imp.version for imp in proto.opset_import if imp.domain in DEFAULT_DOMAINS), default=1)
+
+
+def to_tensor(array_proto) -> torch.Tensor:
+    from onnx import numpy_helper
+
+    array = numpy_helper.to_array(array_proto)
+    try:
+        return torch.from_numpy(np.array(array, copy=True))
+    except TypeError:
+        raise ConvlensError(f"ONNX tensor {array_proto.name!r} has a data type torch cannot hold ({array.dtype})") \
+            from None
+
+
+def attributes(node) -> dict[str, Any]:
+    """Node attributes as Python values: strings decoded, tensors as torch tensors."""
+    from onnx import AttributeProto, helper
+
+    out: dict[str, Any] = {}
+    for attr in node.attribute:
+        if attr.type == AttributeProto.TENSOR:
+            out[attr.name] = to_tensor(attr.t)
+            continue
+        value = helper.get_attribute_value(attr)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8")
+        elif isinstance(value, list) and value and isinstance(value[0], bytes):
+            value = [v.decode("utf-8") for v in value]
+        out[attr.name] = value
+    return out
+
+
+def value_ranks(proto) -> dict[str, int]:
+    """Rank of every value ONNX shape inference can type (empty when inference fails)."""
+    from onnx import shape_inference
+
+    try:
+        graph = shape_inference.infer_shapes(proto).graph
+    except Exception:  # noqa: BLE001 - inference is a hint only
+        graph = proto.graph
+    ranks = {}
+    for info in list(graph.value_info) + list(graph.input) + list(graph.output):
+        tensor_type = info.type.tensor_type
+        if tensor_type.HasField("shape"):
+            ranks[info.name] = len(tensor_type.shape.dim)
+    return ranks
+
+
+def static_input_shape(value_info) -> tuple[int, ...] | None:
+    """(C, H, W …) of an input whose non-batch dims are all fixed numbers."""
+    dims = value_info.type.tensor_type.shape.dim
+    if len(dims) < 2 or not all(d.HasField("dim_value") for d in dims[1:]):
+        return None
+    return tuple(int(d.dim_value) for d in dims[1:])
+
+
+# ---------------------------------------------------------------- names
+def module_name(node_name: str, op: str, index: int, taken: set[str], owner: nn.Module) -> str:
+    """A valid, unique submodule name from an ONNX node name: non-word runs → '_'.
+
+    ``/l3/relu/Relu`` → ``l3_relu_Relu``; an unnamed node → ``<Op>_<index>``; a clash with
+    another node or a Module attribute gets ``_2``, ``_3`` ….
+    """
+    base = re.sub(r"\W+", "_", node_name).strip("_") or f"{op}_{index}"
+    if base[0].isdigit():
+        base = f"{op}_{base}"
+    name, k = base, 1
+    while name in taken or hasattr(owner, name):
+        k += 1
+        name = f"{base}_{k}"
+    taken.add(name)
+    return name
+
+
+# ---------------------------------------------------------------- conversion
+def convert(proto) -> OnnxModel:
+    """ModelProto → OnnxModel (eval mode)."""
+    graph = proto.graph
+    opset = default_opset(proto)
+    consts: dict[str, torch.Tensor] = {init.name: to_tensor(init) for init in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in consts]
+    model = OnnxModel([i.name for i in inputs], [o.name for o in graph.output])
+    if len(inputs) == 1 and (shape := static_input_shape(inputs[0])) is not None:
+        model.input_shape = shape
+    ranks = value_ranks(proto)
+    consumed = {name for node in graph.node for name in node.input} | set(model.output_names)
+    available = set(model.input_names)
+    taken: set[str] = set()
+    for index, node in enumerate(graph.node):
+        ctx = NodeContext(node.name or f"{node.op_type}_{index}", node.op_type, list(node.input),
+                          list(node.output), attributes(node), opset, consts, ranks)
+        check_outputs(ctx, consumed)
+        for name in node.input:
+            if name and name not in consts and name not in available:
+                ctx.fail(f"reads {name!r}, which no earlier node produces")
+        module = CONVERTERS[node.op_type](ctx)
+        positions = runtime_positions(module)
+        runtime = [node.input[p] for p in positions]
+        if all(name in consts for name in runtime):  # a constant: evaluate once, keep no module
+            with torch.no_grad():
+                consts[node.output[0]] = module(*(consts[name] for name in runtime))
+            continue
+        name = module_name(node.name, node.op_type, index, taken, model)
+        model.add_step(name, module, runtime, node.output[0], ctx.name)
+        available.add(node.output[0])
+    for name in model.output_names:
+        if name not in available:
+            raise ConvlensError(f"ONNX graph output {name!r} is a constant or is never computed")
+    model.plan_release()
+    return model.eval()
+
+
+def check_outputs(ctx: NodeContext, consumed: set[str]) -> None:
+    """Converted nodes compute their first output; any other output must be unused."""
+    for k, name in enumerate(ctx.outputs[1:], start=2):
+        if name and name in consumed:
+            ctx.fail(f"its output {k} ({name!r}) is used, and only the first output is supported")
+
+
+def load_onnx(path: str | Path) -> nn.Module:
+    """An ONNX file → :class:`OnnxModel` in eval mode (see the module docstring)."""
+    return convert(read_model(path))
