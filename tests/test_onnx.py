@@ -109,6 +109,16 @@ def test_small_resnet_matches_onnxruntime(tmp_path, keep_bn):
     grouped = resolve_layer(model, "block1_conv1_Conv")[1]
     assert isinstance(grouped, nn.Conv2d) and grouped.groups == 2
 
+    # Grad-CAM at the last block and guided backprop through the converted ReLU6s equal the native ones
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    cam_native = make_method("gradcam", native, layer="block2").attribute(x)
+    cam_onnx = make_method("gradcam", model, layer="block2_act_1_Clip").attribute(x)
+    assert cam_onnx.maps.abs().max() > 0
+    torch.testing.assert_close(cam_onnx.maps, cam_native.maps, atol=1e-5, rtol=0)
+    guided_native = make_method("guided-backprop", native).attribute(x)
+    guided_onnx = make_method("guided-backprop", model).attribute(x)
+    torch.testing.assert_close(guided_onnx.raw, guided_native.raw, atol=1e-5, rtol=0)
+
 
 def test_labnet_matches_onnxruntime_and_native(labnet_pair):
     native, model, path = labnet_pair
@@ -118,6 +128,28 @@ def test_labnet_matches_onnxruntime_and_native(labnet_pair):
     np.testing.assert_allclose(ours.numpy(), run_ort(path, x.numpy()), atol=1e-4, rtol=0)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
     assert model.input_shape == (1, 28, 28)
+
+
+def test_copy_and_pickle_keep_the_function(labnet_pair, tmp_path):
+    """deepcopy (cascading randomization) and torch.save of the whole module (worker processes) work."""
+    import copy
+    import io
+
+    nodes, inputs, consts, opset = OP_CASES["arithmetic-constants"]
+    path = str(tmp_path / "m.onnx")
+    onnx.save(graph_model(nodes, inputs, consts, opset), path)
+    x = torch.rand(2, 6, 9, 10)
+    for model in (labnet_pair[1], load_onnx(path)):
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        clones = [copy.deepcopy(model), torch.load(buffer, weights_only=False)]
+        example = x if model is not labnet_pair[1] else torch.rand(2, 1, 28, 28)
+        for clone in clones:
+            torch.testing.assert_close(clone(example), model(example), atol=0, rtol=0)
+        first = next(iter(clones[0].buffers()))
+        first.add_(1.0)  # the copy owns its tensors
+        assert not torch.equal(first, next(iter(model.buffers())))
 
 
 def test_labnet_layers_keep_names(labnet_pair):
@@ -243,6 +275,17 @@ OP_CASES = {
                               helper.make_node("Gather", ["s", "i"], ["n"], axis=0),
                               helper.make_node("Concat", ["n", "m"], ["t"], axis=0),
                               helper.make_node("Reshape", ["x", "t"], ["y"])], X4, {"i": i64(0), "m": i64(-1)}, 17),
+    "unsqueeze-squeeze-opset11": ([helper.make_node("Unsqueeze", ["x"], ["u"], axes=[0, -1]),
+                                   helper.make_node("Squeeze", ["u"], ["y"], axes=[0])], X4, {}, 11),
+    "dropout-identity-logsoftmax": ([helper.make_node("Dropout", ["x"], ["d"]), helper.make_node("Identity", ["d"], ["i"]),
+                                     helper.make_node("LogSoftmax", ["i"], ["y"], axis=1)], X4, {}, 13),
+    "gemm-no-bias": ([helper.make_node("Gemm", ["x", "w"], ["y"])], {"x": (4, 5)}, {"w": rand(5, 3)}, 17),
+    "expand-cast-constant-of-shape": ([helper.make_node("ConstantOfShape", ["s"], ["c"],
+                                                        value=numpy_helper.from_array(np.array([3], np.int64))),
+                                       helper.make_node("Cast", ["c"], ["f"], to=TensorProto.FLOAT),
+                                       helper.make_node("Expand", ["x", "e"], ["b"]),
+                                       helper.make_node("Mul", ["b", "f"], ["y"])],
+                                      {"x": (2, 1, 5)}, {"s": i64(4, 5), "e": i64(2, 4, 1)}, 17),
     "constant-nodes-folded": ([helper.make_node("Constant", [], ["k"], value_floats=[2.0]),
                                helper.make_node("Mul", ["k", "k"], ["k2"]),
                                helper.make_node("Mul", ["x", "k2"], ["y"])], X4, {}, 17),
@@ -335,3 +378,20 @@ def test_missing_file(tmp_path):
 
 def test_looks_like_onnx():
     assert looks_like_onnx("a/b/Model.ONNX") and not looks_like_onnx("convlens-out/train")
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_round_trip(tmp_path, lite0):
+    """A real ImageNet CNN (ReLU6, depthwise convs, TF-style SAME padding computed in the graph)."""
+    native = lite0.model.eval()
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    path = export(native, x, tmp_path / "lite0.onnx")
+    model = load_onnx(path)
+    with torch.no_grad():
+        ours = model(x)
+    np.testing.assert_allclose(ours.numpy(), run_ort(path, x.numpy()), atol=1e-4, rtol=0)
+    layer = auto_layer(model, x)
+    assert layer == "head_act_Clip" and isinstance(resolve_layer(model, layer)[1], nn.ReLU6)
+    cam_native = make_method("gradcam", native, layer="_head_act").attribute(x)
+    cam_onnx = make_method("gradcam", model, layer=layer).attribute(x)
+    torch.testing.assert_close(cam_onnx.maps, cam_native.maps, atol=1e-5, rtol=0)

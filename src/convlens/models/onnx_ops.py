@@ -340,11 +340,12 @@ def convert_gemm(ctx: NodeContext) -> nn.Module:
         bias = None if c is None else (beta * c.flatten()).expand(weight.shape[0])
         load_parameters(linear, weight=weight, bias=bias)
         return linear
+    return function_node(ctx, gemm, alpha=alpha, beta=beta, trans_a=trans_a, trans_b=trans_b)
 
-    def gemm(a, b, c=None):
-        y = alpha * ((a.t() if trans_a else a) @ (b.t() if trans_b else b))
-        return y if c is None else y + beta * c
-    return function_node(ctx, gemm)
+
+def gemm(a, b, c=None, *, alpha: float, beta: float, trans_a: int, trans_b: int):
+    y = alpha * ((a.t() if trans_a else a) @ (b.t() if trans_b else b))
+    return y if c is None else y + beta * c
 
 
 def convert_matmul(ctx: NodeContext) -> nn.Module:
@@ -387,6 +388,8 @@ class Clamp(nn.Module):
 def convert_clip(ctx: NodeContext) -> nn.Module:
     """ReLU (min 0), ReLU6 (0, 6), Hardtanh (both bounds), else a clamp."""
     lo, hi = clip_bounds(ctx)
+    if lo is None and hi is None:
+        return nn.Identity()
     if lo == 0.0 and hi is None:
         return nn.ReLU()
     if lo == 0.0 and hi == 6.0:
@@ -426,12 +429,13 @@ def convert_softmax(ctx: NodeContext, log: bool = False) -> nn.Module:
     rank = ctx.rank(0)
     if rank is not None and axis % rank == rank - 1:
         return cls(dim=axis)
+    return function_node(ctx, coerced_softmax, axis=axis, log=log)
 
-    def coerced(x):
-        a = axis % x.dim()
-        flat = x.flatten(a)
-        return (flat.log_softmax(-1) if log else flat.softmax(-1)).reshape(x.shape)
-    return function_node(ctx, coerced)
+
+def coerced_softmax(x, *, axis: int, log: bool):
+    """Softmax over the flattened dims from ``axis`` on (ONNX before opset 13)."""
+    flat = x.flatten(axis % x.dim())
+    return (flat.log_softmax(-1) if log else flat.softmax(-1)).reshape(x.shape)
 
 
 def pool_common(ctx: NodeContext) -> tuple[int, tuple, tuple, tuple, Any, Any]:
@@ -483,11 +487,12 @@ def convert_global_pool(ctx: NodeContext, kind: str) -> nn.Module:
     cls = table.get(ctx.rank(0))
     if cls is not None:
         return cls(1)
+    return function_node(ctx, global_pool, kind=kind)
 
-    def global_pool(x):
-        dims = tuple(range(2, x.dim()))
-        return x.mean(dims, keepdim=True) if kind == "avg" else x.amax(dims, keepdim=True)
-    return function_node(ctx, global_pool)
+
+def global_pool(x, *, kind: str):
+    dims = tuple(range(2, x.dim()))
+    return x.mean(dims, keepdim=True) if kind == "avg" else x.amax(dims, keepdim=True)
 
 
 def convert_flatten(ctx: NodeContext) -> nn.Module:
@@ -495,11 +500,12 @@ def convert_flatten(ctx: NodeContext) -> nn.Module:
     axis = int(ctx.attr("axis", 1))
     if axis == 1:
         return nn.Flatten()
+    return function_node(ctx, flatten, axis=axis)
 
-    def flatten(x):
-        a = axis % x.dim() if axis < 0 else axis
-        return x.reshape(math.prod(x.shape[:a]), -1) if x.numel() else x.reshape(math.prod(x.shape[:a]), 0)
-    return function_node(ctx, flatten)
+
+def flatten(x, *, axis: int):
+    a = _axis(axis, x.dim())
+    return x.reshape(math.prod(x.shape[:a]), math.prod(x.shape[a:]))
 
 
 # ---------------------------------------------------------------- weightless operators
@@ -527,21 +533,20 @@ def unsqueeze(x, axes):
     return x
 
 
-def reduce(how: str):
-    def fn(x, axes=None, keepdims: int = 1, noop_with_empty_axes: int = 0):
-        axes = [] if axes is None else as_ints(axes)
-        if not axes:
-            if noop_with_empty_axes:
-                return x
-            axes = list(range(x.dim()))
-        dims = tuple(_axis(a, x.dim()) for a in axes)
-        keep = bool(keepdims)
-        if how == "mean":
-            return x.mean(dims, keepdim=keep)
-        if how == "sum":
-            return x.sum(dims, keepdim=keep)
-        return x.amax(dims, keepdim=keep) if how == "max" else x.amin(dims, keepdim=keep)
-    return fn
+def reduce(x, axes=None, *, how: str, keepdims: int = 1, noop_with_empty_axes: int = 0):
+    """ReduceMean/Sum/Max/Min over ``axes`` (all when empty, unless noop_with_empty_axes)."""
+    axes = [] if axes is None else as_ints(axes)
+    if not axes:
+        if noop_with_empty_axes:
+            return x
+        axes = list(range(x.dim()))
+    dims = tuple(_axis(a, x.dim()) for a in axes)
+    keep = bool(keepdims)
+    if how == "mean":
+        return x.mean(dims, keepdim=keep)
+    if how == "sum":
+        return x.sum(dims, keepdim=keep)
+    return x.amax(dims, keepdim=keep) if how == "max" else x.amin(dims, keepdim=keep)
 
 
 def gather(x, indices, axis: int = 0):
@@ -611,13 +616,28 @@ def divide(a, b):
     return torch.div(a, b, rounding_mode="trunc")
 
 
-def variadic(fn: Callable) -> Callable:
-    def apply(*xs):
-        out = xs[0]
-        for x in xs[1:]:
-            out = fn(out, x)
-        return out
-    return apply
+def fold_left(*xs, fn: Callable):
+    """Variadic Max / Min / Sum: fn(fn(x0, x1), x2) …"""
+    out = xs[0]
+    for x in xs[1:]:
+        out = fn(out, x)
+    return out
+
+
+def cast(x, *, dtype: torch.dtype):
+    return x.to(dtype)
+
+
+def constant(value):
+    return value
+
+
+def concat(*xs, axis: int):
+    return torch.cat(xs, axis)
+
+
+def transpose(x, *, perm=None):
+    return x.permute(*(perm if perm is not None else range(x.dim() - 1, -1, -1)))
 
 
 def prelu(x, slope):
@@ -632,7 +652,7 @@ def convert_cast(ctx: NodeContext) -> nn.Module:
     to = int(ctx.attr("to"))
     if to not in ONNX_DTYPES:
         ctx.fail(f"cast to ONNX data type {to}")
-    return function_node(ctx, lambda x, dtype=ONNX_DTYPES[to]: x.to(dtype))
+    return function_node(ctx, cast, dtype=ONNX_DTYPES[to])
 
 
 def convert_constant(ctx: NodeContext) -> nn.Module:
@@ -642,52 +662,45 @@ def convert_constant(ctx: NodeContext) -> nn.Module:
         if key in ctx.attrs:
             v = ctx.attrs[key]
             value = v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=dtype)
-            return OnnxFunction(ctx.op, lambda value: value, [value])
+            return OnnxFunction(ctx.op, constant, [value])
     ctx.fail("only tensor, float and int constants are supported")
 
 
 def convert_squeeze(ctx: NodeContext) -> nn.Module:
     if ctx.opset < 13:
-        axes = ctx.attr("axes")
-        return function_node(ctx, lambda x: squeeze(x, axes))
+        return function_node(ctx, squeeze, axes=ctx.attr("axes"))
     return function_node(ctx, squeeze, ints=(1,))
 
 
 def convert_unsqueeze(ctx: NodeContext) -> nn.Module:
     if ctx.opset < 13:
-        axes = as_ints(ctx.attr("axes"))
-        return function_node(ctx, lambda x: unsqueeze(x, axes))
+        return function_node(ctx, unsqueeze, axes=as_ints(ctx.attr("axes")))
     return function_node(ctx, unsqueeze, ints=(1,))
 
 
 def convert_reduce(ctx: NodeContext, how: str) -> nn.Module:
-    keep = int(ctx.attr("keepdims", 1))
-    noop = int(ctx.attr("noop_with_empty_axes", 0))
-    fn = reduce(how)
+    options = dict(how=how, keepdims=int(ctx.attr("keepdims", 1)),
+                   noop_with_empty_axes=int(ctx.attr("noop_with_empty_axes", 0)))
     if ctx.attr("axes") is not None or not ctx.has_input(1):
-        axes = ctx.attr("axes")
-        return function_node(ctx, lambda x: fn(x, axes, keep, noop))
-    return function_node(ctx, lambda x, axes: fn(x, axes, keep, noop), ints=(1,))
+        return function_node(ctx, reduce, axes=ctx.attr("axes"), **options)
+    return function_node(ctx, reduce, ints=(1,), **options)
 
 
 def convert_pad(ctx: NodeContext) -> nn.Module:
     mode = ctx.attr("mode", "constant")
     if ctx.opset < 11:
-        pads, value = as_ints(ctx.attr("pads")), float(ctx.attr("value", 0.0))
-        return function_node(ctx, lambda x: pad(x, pads, value, None, mode))
-    return function_node(ctx, lambda x, pads, value=None, axes=None: pad(x, pads, value, axes, mode), ints=(1, 3))
+        return function_node(ctx, pad, pads=as_ints(ctx.attr("pads")), value=float(ctx.attr("value", 0.0)), mode=mode)
+    return function_node(ctx, pad, ints=(1, 3), mode=mode)
 
 
 def convert_slice(ctx: NodeContext) -> nn.Module:
     if ctx.opset < 10:
-        starts, ends, axes = ctx.attr("starts"), ctx.attr("ends"), ctx.attr("axes")
-        return function_node(ctx, lambda x: slice_(x, starts, ends, axes))
+        return function_node(ctx, slice_, starts=ctx.attr("starts"), ends=ctx.attr("ends"), axes=ctx.attr("axes"))
     return function_node(ctx, slice_, ints=(1, 2, 3, 4))
 
 
 def convert_transpose(ctx: NodeContext) -> nn.Module:
-    perm = ctx.attr("perm")
-    return function_node(ctx, lambda x: x.permute(*(perm if perm is not None else range(x.dim() - 1, -1, -1))))
+    return function_node(ctx, transpose, perm=ctx.attr("perm"))
 
 
 def elementwise(fn: Callable) -> Callable[[NodeContext], nn.Module]:
@@ -737,14 +750,14 @@ CONVERTERS: dict[str, Callable[[NodeContext], nn.Module]] = {
     "Erf": elementwise(torch.erf),
     "Floor": elementwise(torch.floor),
     "Ceil": elementwise(torch.ceil),
-    "Max": elementwise(variadic(torch.maximum)),
-    "Min": elementwise(variadic(torch.minimum)),
-    "Sum": elementwise(variadic(torch.add)),
+    "Max": lambda ctx: function_node(ctx, fold_left, fn=torch.maximum),
+    "Min": lambda ctx: function_node(ctx, fold_left, fn=torch.minimum),
+    "Sum": lambda ctx: function_node(ctx, fold_left, fn=torch.add),
     # shapes
     "Reshape": lambda ctx: function_node(ctx, reshape, ints=(1,), allowzero=int(ctx.attr("allowzero", 0))),
     "Squeeze": convert_squeeze,
     "Unsqueeze": convert_unsqueeze,
-    "Concat": lambda ctx: function_node(ctx, lambda *xs, axis=int(ctx.attr("axis")): torch.cat(xs, axis)),
+    "Concat": lambda ctx: function_node(ctx, concat, axis=int(ctx.attr("axis"))),
     "Transpose": convert_transpose,
     "Pad": convert_pad,
     "Slice": convert_slice,
