@@ -274,7 +274,8 @@ OP_CASES = {
     "shape-gather-reshape": ([helper.make_node("Shape", ["x"], ["s"]),
                               helper.make_node("Gather", ["s", "i"], ["n"], axis=0),
                               helper.make_node("Concat", ["n", "m"], ["t"], axis=0),
-                              helper.make_node("Reshape", ["x", "t"], ["y"])], X4, {"i": i64(0), "m": i64(-1)}, 17),
+                              helper.make_node("Reshape", ["x", "t"], ["y"])], {"x": ("n", 6, 9, 10)},
+                             {"i": i64(0), "m": i64(-1)}, 17),  # a symbolic batch: computed at run time
     "unsqueeze-squeeze-opset11": ([helper.make_node("Unsqueeze", ["x"], ["u"], axes=[0, -1]),
                                    helper.make_node("Squeeze", ["u"], ["y"], axes=[0])], X4, {}, 11),
     "dropout-identity-logsoftmax": ([helper.make_node("Dropout", ["x"], ["d"]), helper.make_node("Identity", ["d"], ["i"]),
@@ -297,7 +298,7 @@ def test_operator_matches_onnxruntime(tmp_path, case):
     nodes, inputs, consts, opset = OP_CASES[case]
     path = str(tmp_path / f"{case}.onnx")
     onnx.save(graph_model(nodes, inputs, consts, opset), path)
-    arrays = [rand(*shape, seed=7) * 3 for shape in inputs.values()]
+    arrays = [rand(*(2 if d == "n" else d for d in shape), seed=7) * 3 for shape in inputs.values()]
     with torch.no_grad():
         ours = load_onnx(path)(*map(torch.from_numpy, arrays))
     expected = run_ort(path, *arrays)
@@ -324,6 +325,20 @@ def test_constants_leave_no_module(tmp_path):
     model = load_onnx(path)
     assert [type(m).__name__ for m in model.children()] == ["OnnxFunction"]
     torch.testing.assert_close(model(torch.ones(1, 6, 9, 10)), torch.full((1, 6, 9, 10), 4.0))
+
+
+def test_known_dims_of_a_shape_are_constants(tmp_path):
+    """x.size(2) with a symbolic batch but a fixed height: Shape → Gather folds, Mul alone runs."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"]), helper.make_node("Gather", ["s", "i"], ["h"]),
+             helper.make_node("Cast", ["h"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["x", "f"], ["y"], name="scale")]
+    path = str(tmp_path / "m.onnx")
+    onnx.save(graph_model(nodes, {"x": ("n", 2, 9, 4)}, {"i": i64(2)}), path)
+    model = load_onnx(path)
+    assert [n for n, _ in model.named_children()] == ["scale"]
+    x = torch.rand(3, 2, 9, 4)
+    torch.testing.assert_close(model(x), x * 9)
+    np.testing.assert_allclose(model(x).numpy(), run_ort(path, x.numpy()), atol=1e-6)
 
 
 # ------------------------------------------------------------------ bad input

@@ -71,6 +71,19 @@ class OnnxModel(nn.Module):
         self.steps.append((module_name, inputs, output, []))
         self.onnx_names[module_name] = node_name
 
+    def prune(self) -> None:
+        """Drop steps whose output nothing uses (e.g. a Shape whose known dims were folded into constants)."""
+        live, kept = set(self.output_names), []
+        for step in reversed(self.steps):
+            module_name, inputs, output, _ = step
+            if output in live:
+                kept.append(step)
+                live.update(inputs)
+            else:
+                del self._modules[module_name]
+                del self.onnx_names[module_name]
+        self.steps = kept[::-1]
+
     def plan_release(self) -> None:
         """After each step, drop the values no later step and no output needs (keeps memory flat)."""
         last_use: dict[str, int] = {}
@@ -160,20 +173,43 @@ def short_float(value: float) -> float:
     return short if np.float32(short) == np.float32(value) else value
 
 
-def value_ranks(proto) -> dict[str, int]:
-    """Rank of every value ONNX shape inference can type (empty when inference fails)."""
+def value_shapes(proto) -> dict[str, list[int | None]]:
+    """Shape of every value ONNX shape inference can type, None for a symbolic dim (empty when it fails)."""
     from onnx import shape_inference
 
     try:
-        graph = shape_inference.infer_shapes(proto).graph
+        graph = shape_inference.infer_shapes(proto, data_prop=True).graph
     except Exception:  # noqa: BLE001 - inference is a hint only
         graph = proto.graph
-    ranks = {}
+    shapes = {}
     for info in list(graph.value_info) + list(graph.input) + list(graph.output):
         tensor_type = info.type.tensor_type
         if tensor_type.HasField("shape"):
-            ranks[info.name] = len(tensor_type.shape.dim)
-    return ranks
+            shapes[info.name] = [int(d.dim_value) if d.HasField("dim_value") else None
+                                 for d in tensor_type.shape.dim]
+    return shapes
+
+
+def static_shape_value(ctx: NodeContext, shapes: dict, partial: dict) -> torch.Tensor | None:
+    """Shape of a tensor whose dims are known, or Gather of such dims, as a constant.
+
+    ``x.size(2)`` of a network with a fixed input size is ``Shape → Gather``: a constant
+    even when the batch dim is symbolic. Partly known Shape outputs are kept in ``partial``.
+    """
+    if ctx.op == "Shape" and ctx.inputs[0] in shapes:
+        dims = shapes[ctx.inputs[0]][int(ctx.attr("start", 0)):ctx.attr("end")]
+        if None not in dims:
+            return torch.tensor(dims, dtype=torch.int64)
+        partial[ctx.outputs[0]] = dims
+    elif ctx.op == "Gather" and ctx.inputs[0] in partial and int(ctx.attr("axis", 0)) == 0:
+        index = ctx.const(1)
+        dims = partial[ctx.inputs[0]]
+        if index is not None and not index.is_floating_point() and all(-len(dims) <= i < len(dims)
+                                                                          for i in index.flatten().tolist()):
+            picked = [dims[i] for i in index.flatten().tolist()]
+            if None not in picked:
+                return torch.tensor(picked, dtype=torch.int64).reshape(index.shape)
+    return None
 
 
 def static_input_shape(value_info) -> tuple[int, ...] | None:
@@ -212,7 +248,9 @@ def convert(proto) -> OnnxModel:
     model = OnnxModel([i.name for i in inputs], [o.name for o in graph.output])
     if len(inputs) == 1 and (shape := static_input_shape(inputs[0])) is not None:
         model.input_shape = shape
-    ranks = value_ranks(proto)
+    shapes = value_shapes(proto)
+    ranks = {name: len(dims) for name, dims in shapes.items()}
+    partial: dict[str, list[int | None]] = {}
     consumed = {name for node in graph.node for name in node.input} | set(model.output_names)
     available = set(model.input_names)
     taken: set[str] = set()
@@ -223,6 +261,9 @@ def convert(proto) -> OnnxModel:
         for name in node.input:
             if name and name not in consts and name not in available:
                 ctx.fail(f"reads {name!r}, which no earlier node produces")
+        if (static := static_shape_value(ctx, shapes, partial)) is not None:
+            consts[node.output[0]] = static
+            continue
         module = convert_node(ctx)
         runtime = [node.input[p] for p in runtime_positions(module)]
         if all(name in consts for name in runtime):  # a constant: evaluate once, keep no module
@@ -234,6 +275,7 @@ def convert(proto) -> OnnxModel:
     for name in model.output_names:
         if name not in available:
             raise ConvlensError(f"ONNX graph output {name!r} is a constant or is never computed")
+    model.prune()
     model.plan_release()
     return model.eval()
 
