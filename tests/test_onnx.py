@@ -152,6 +152,41 @@ def test_copy_and_pickle_keep_the_function(labnet_pair, tmp_path):
         assert not torch.equal(first, next(iter(model.buffers())))
 
 
+def export_fixed_batch(model: nn.Module, example: torch.Tensor, path) -> str:
+    """Exported without dynamic axes: the file fixes every dim, the batch size included."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (example,), str(path), dynamo=False, input_names=["x"])
+    return str(path)
+
+
+def test_fixed_batch_that_the_graph_ignores_stays_free(tmp_path):
+    """LabNet flattens with a Flatten node: exported at batch 1, it still runs any batch (checked at load)."""
+    torch.manual_seed(0)
+    native = LabNet(mean=0.1307, std=0.3081).eval()
+    model = load_onnx(export_fixed_batch(native, torch.rand(1, 1, 28, 28), tmp_path / "lab1.onnx"))
+    assert model.batch_free
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), native(x), atol=1e-5, rtol=0)
+    with pytest.raises(ConvlensError, match=r"input 'x' has shape \(N, 1, 28, 28\), got \(5, 1, 28, 27\)$"):
+        model(x[..., 1:])
+
+
+def test_fixed_batch_baked_into_the_graph_is_enforced(tmp_path):
+    """``reshape(x.size(0), -1)`` exported at batch 2 becomes Reshape to [2, -1]: batch 2 only, said clearly."""
+    torch.manual_seed(2)
+    native = random_batchnorm(SmallResNet())
+    path = export_fixed_batch(native, torch.rand(2, 3, 32, 32), tmp_path / "fixed.onnx")
+    model = load_onnx(path)
+    assert not model.batch_free
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        np.testing.assert_allclose(model(x).numpy(), run_ort(path, x.numpy()), atol=1e-4, rtol=0)
+    with pytest.raises(ConvlensError, match=r"has shape \(2, 3, 32, 32\), got \(5, 3, 32, 32\); .*batch size 2 only"):
+        model(torch.rand(5, 3, 32, 32))
+
+
 def test_labnet_layers_keep_names(labnet_pair):
     _, model, _ = labnet_pair
     names = [n for n, _ in model.named_children()]

@@ -34,9 +34,11 @@ import torch
 from torch import nn
 
 from ..errors import ConvlensError
-from .onnx_ops import CONVERTERS, NodeContext, runtime_positions
+
+from .onnx_ops import CONVERTERS, ONNX_DTYPES, NodeContext, runtime_positions
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
+BATCH_STAND_INS = (2, 3)  # two sizes for the free batch dim when shapes are traced
 
 
 def looks_like_onnx(spec: str | Path) -> bool:
@@ -57,12 +59,15 @@ class OnnxModel(nn.Module):
     """An ONNX graph as a torch module: one submodule per node, executed in the file's (topological) order.
 
     ``onnx_names`` maps each submodule's name to its ONNX node name; ``input_shape`` (C, H, W)
-    is set when the file declares a static image input.
+    is set when the file declares a static image input. Every dim the file fixes is checked on
+    each call, but the batch dim when ``batch_free``: where the file fixes the batch size, the
+    loader checks that the graph still computes per sample for another size (see :func:`batch_is_free`).
     """
 
-    def __init__(self, input_names: list[str], output_names: list[str]):
+    def __init__(self, input_names: list[str], output_names: list[str], input_dims: list[list[int | None] | None]):
         super().__init__()
-        self.input_names, self.output_names = input_names, output_names
+        self.input_names, self.output_names, self.input_dims = input_names, output_names, input_dims
+        self.batch_free = True
         self.steps: list[tuple[str, list[str], str, list[str]]] = []  # (module, inputs, output, released)
         self.onnx_names: dict[str, str] = {}
 
@@ -98,6 +103,8 @@ class OnnxModel(nn.Module):
         if len(inputs) != len(self.input_names):
             raise ConvlensError(f"the ONNX model takes {len(self.input_names)} input(s) "
                                 f"({', '.join(self.input_names)}), got {len(inputs)}")
+        for name, x, dims in zip(self.input_names, inputs, self.input_dims):
+            check_input_dims(name, x, dims, self.batch_free)
         values: dict[str, Any] = dict(zip(self.input_names, inputs))
         for module_name, names, output, released in self.steps:
             values[output] = self._modules[module_name](*(values[n] for n in names))
@@ -105,6 +112,49 @@ class OnnxModel(nn.Module):
                 del values[name]
         outputs = tuple(values[n] for n in self.output_names)
         return outputs[0] if len(outputs) == 1 else outputs
+
+
+def check_input_dims(name: str, x: torch.Tensor, dims: list[int | None] | None, batch_free: bool) -> None:
+    """The dims the file fixes must match (folded shapes depend on them); the batch dim only when not free."""
+    if dims is None or not isinstance(x, torch.Tensor):
+        return
+    fixed = dims[1:] if batch_free else dims
+    given = x.shape[1:] if batch_free else x.shape
+    if x.dim() == len(dims) and all(d is None or d == n for d, n in zip(fixed, given)):
+        return
+    wanted = ", ".join("N" if i == 0 and batch_free else "?" if d is None else str(d) for i, d in enumerate(dims))
+    hint = ""
+    if not batch_free and x.dim() == len(dims) and x.shape[0] != dims[0]:
+        hint = (f"; the file was exported for batch size {dims[0]} only: export it again with a dynamic batch "
+                f"dim (torch.onnx.export(..., dynamic_axes={{{name!r}: {{0: 'batch'}}}}))")
+    raise ConvlensError(f"the ONNX model's input {name!r} has shape ({wanted}), got {tuple(x.shape)}{hint}")
+
+
+def batch_is_free(model: OnnxModel, dtypes: dict) -> bool:
+    """Whether a graph exported for batch size b computes per sample for b + 1 samples too.
+
+    The same random sample repeated b and b + 1 times must give b and b + 1 equal output rows
+    (exporters bake the batch into reshapes when it was not declared dynamic, which breaks this).
+    """
+    gen = torch.Generator().manual_seed(0)
+    samples = [torch.rand([1] + dims[1:], generator=gen).to(dtypes[name])
+               for name, dims in zip(model.input_names, model.input_dims)]
+    reference = None
+    for batch in (model.input_dims[0][0], model.input_dims[0][0] + 1):
+        try:
+            with torch.no_grad():
+                out = model(*(x.expand(batch, *x.shape[1:]).contiguous() for x in samples))
+        except Exception:  # noqa: BLE001 - a hard-coded batch usually fails here
+            return False
+        outs = out if isinstance(out, tuple) else (out,)
+        if not all(isinstance(o, torch.Tensor) and o.dim() > 0 and o.shape[0] == batch for o in outs):
+            return False
+        reference = reference or [o[:1] for o in outs]
+        for o, ref in zip(outs, reference):
+            tolerance = 1e-4 * max(1.0, float(ref.abs().max())) if ref.is_floating_point() else 0
+            if not torch.allclose(o.double(), ref.double().expand_as(o), rtol=0, atol=tolerance):
+                return False
+    return True
 
 
 # ---------------------------------------------------------------- reading the file
@@ -173,28 +223,63 @@ def short_float(value: float) -> float:
     return short if np.float32(short) == np.float32(value) else value
 
 
-def value_shapes(proto) -> dict[str, list[int | None]]:
-    """Shape of every value ONNX shape inference can type, None for a symbolic dim (empty when it fails)."""
+def value_ranks(proto) -> dict[str, int]:
+    """Rank of every value ONNX shape inference can type (empty when it fails)."""
     from onnx import shape_inference
 
     try:
-        graph = shape_inference.infer_shapes(proto, data_prop=True).graph
+        graph = shape_inference.infer_shapes(proto).graph
     except Exception:  # noqa: BLE001 - inference is a hint only
         graph = proto.graph
-    shapes = {}
-    for info in list(graph.value_info) + list(graph.input) + list(graph.output):
-        tensor_type = info.type.tensor_type
-        if tensor_type.HasField("shape"):
-            shapes[info.name] = [int(d.dim_value) if d.HasField("dim_value") else None
-                                 for d in tensor_type.shape.dim]
-    return shapes
+    return {info.name: len(info.type.tensor_type.shape.dim)
+            for info in list(graph.value_info) + list(graph.input) + list(graph.output)
+            if info.type.tensor_type.HasField("shape")}
+
+
+def declared_dims(value_info) -> list[int | None] | None:
+    """A graph input's dims as the file declares them, None where symbolic (or unknown)."""
+    tensor_type = value_info.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    return [int(d.dim_value) if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+
+
+class ShapeTracer:
+    """Shapes of run-time values, found by running each step on zero inputs at two stand-in batch sizes.
+
+    A dim that differs between the two runs follows the (always free) batch dim; the others are
+    fixed, so ``Shape`` → ``Gather`` of them can be folded. Used only for graphs that have Shape
+    nodes and whose inputs fix every dim but the batch. Each value is dropped after its last use.
+    """
+
+    def __init__(self, inputs, dims, dtypes, last_use: dict[str, int]):
+        self.examples = {i.name: tuple(torch.zeros([b, *d[1:]], dtype=dtypes[i.name]) for b in BATCH_STAND_INS)
+                         for i, d in zip(inputs, dims)}
+        self.last_use = last_use
+
+    def step(self, index: int, module: nn.Module, runtime: list[str], output: str) -> list[int | None] | None:
+        """Run the step on the examples; return the output's shape (None where it follows the batch)."""
+        outs = None
+        if all(name in self.examples for name in runtime):
+            try:
+                with torch.no_grad():
+                    outs = tuple(module(*(self.examples[n][k] for n in runtime)) for k in range(len(BATCH_STAND_INS)))
+            except Exception:  # noqa: BLE001 - a step that fails on zeros: its shape stays unknown
+                outs = None
+        for name in runtime:
+            if self.last_use.get(name, -1) <= index:
+                self.examples.pop(name, None)
+        if outs is None or not all(isinstance(o, torch.Tensor) for o in outs) or outs[0].dim() != outs[1].dim():
+            return None
+        self.examples[output] = outs
+        return [m if m == n else None for m, n in zip(outs[0].shape, outs[1].shape)]
 
 
 def static_shape_value(ctx: NodeContext, shapes: dict, partial: dict) -> torch.Tensor | None:
     """Shape of a tensor whose dims are known, or Gather of such dims, as a constant.
 
     ``x.size(2)`` of a network with a fixed input size is ``Shape → Gather``: a constant
-    even when the batch dim is symbolic. Partly known Shape outputs are kept in ``partial``.
+    while the batch dim stays free. Partly known Shape outputs are kept in ``partial``.
     """
     if ctx.op == "Shape" and ctx.inputs[0] in shapes:
         dims = shapes[ctx.inputs[0]][int(ctx.attr("start", 0)):ctx.attr("end")]
@@ -245,13 +330,19 @@ def convert(proto) -> OnnxModel:
     opset = default_opset(proto)
     consts: dict[str, torch.Tensor] = {init.name: to_tensor(init) for init in graph.initializer}
     inputs = [i for i in graph.input if i.name not in consts]
-    model = OnnxModel([i.name for i in inputs], [o.name for o in graph.output])
+    dims = [declared_dims(i) for i in inputs]
+    model = OnnxModel([i.name for i in inputs], [o.name for o in graph.output], dims)
     if len(inputs) == 1 and (shape := static_input_shape(inputs[0])) is not None:
         model.input_shape = shape
-    shapes = value_shapes(proto)
-    ranks = {name: len(dims) for name, dims in shapes.items()}
-    partial: dict[str, list[int | None]] = {}
     consumed = {name for node in graph.node for name in node.input} | set(model.output_names)
+    last_use = {name: i for i, node in enumerate(graph.node) for name in node.input}
+    dtypes = {i.name: ONNX_DTYPES.get(i.type.tensor_type.elem_type, torch.float32) for i in inputs}
+    tracer = None  # shapes of run-time values: only needed to fold Shape nodes, exact when only batch dims are free
+    if any(node.op_type == "Shape" for node in graph.node) and all(d is not None and None not in d[1:] for d in dims):
+        tracer = ShapeTracer(inputs, dims, dtypes, last_use)
+    shapes: dict[str, list[int | None]] = {i.name: [None, *d[1:]] for i, d in zip(inputs, dims)} if tracer else {}
+    ranks = value_ranks(proto) | {name: len(d) for name, d in shapes.items()}
+    partial: dict[str, list[int | None]] = {}
     available = set(model.input_names)
     taken: set[str] = set()
     for index, node in enumerate(graph.node):
@@ -272,12 +363,19 @@ def convert(proto) -> OnnxModel:
         name = module_name(node.name, node.op_type, index, taken, model)
         model.add_step(name, module, runtime, node.output[0], ctx.name)
         available.add(node.output[0])
+        if tracer is not None and (shape := tracer.step(index, module, runtime, node.output[0])) is not None:
+            shapes[node.output[0]] = shape
+            ranks[node.output[0]] = len(shape)
     for name in model.output_names:
         if name not in available:
             raise ConvlensError(f"ONNX graph output {name!r} is a constant or is never computed")
     model.prune()
     model.plan_release()
-    return model.eval()
+    model.eval()
+    if any(d and d[0] is not None for d in dims):  # the file fixes the batch size: is it really fixed?
+        complete = all(d is not None and d[0] is not None and None not in d[1:] for d in dims)
+        model.batch_free = complete and batch_is_free(model, dtypes)
+    return model
 
 
 def convert_node(ctx: NodeContext) -> nn.Module:
