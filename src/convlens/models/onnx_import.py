@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from ..errors import ConvlensError
-
 from .onnx_ops import CONVERTERS, ONNX_DTYPES, NodeContext, runtime_positions
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -326,56 +325,72 @@ def module_name(node_name: str, op: str, index: int, taken: set[str], owner: nn.
 # ---------------------------------------------------------------- conversion
 def convert(proto) -> OnnxModel:
     """ModelProto → OnnxModel (eval mode)."""
-    graph = proto.graph
-    opset = default_opset(proto)
-    consts: dict[str, torch.Tensor] = {init.name: to_tensor(init) for init in graph.initializer}
-    inputs = [i for i in graph.input if i.name not in consts]
-    dims = [declared_dims(i) for i in inputs]
-    model = OnnxModel([i.name for i in inputs], [o.name for o in graph.output], dims)
-    if len(inputs) == 1 and (shape := static_input_shape(inputs[0])) is not None:
-        model.input_shape = shape
-    consumed = {name for node in graph.node for name in node.input} | set(model.output_names)
-    last_use = {name: i for i, node in enumerate(graph.node) for name in node.input}
-    dtypes = {i.name: ONNX_DTYPES.get(i.type.tensor_type.elem_type, torch.float32) for i in inputs}
-    tracer = None  # shapes of run-time values: only needed to fold Shape nodes, exact when only batch dims are free
-    if any(node.op_type == "Shape" for node in graph.node) and all(d is not None and None not in d[1:] for d in dims):
-        tracer = ShapeTracer(inputs, dims, dtypes, last_use)
-    shapes: dict[str, list[int | None]] = {i.name: [None, *d[1:]] for i, d in zip(inputs, dims)} if tracer else {}
-    ranks = value_ranks(proto) | {name: len(d) for name, d in shapes.items()}
-    partial: dict[str, list[int | None]] = {}
-    available = set(model.input_names)
-    taken: set[str] = set()
-    for index, node in enumerate(graph.node):
+    return GraphConverter(proto).run()
+
+
+class GraphConverter:
+    """One pass over the nodes: fold what is constant, turn the rest into named steps."""
+
+    def __init__(self, proto):
+        graph = self.graph = proto.graph
+        self.opset = default_opset(proto)
+        self.consts: dict[str, torch.Tensor] = {init.name: to_tensor(init) for init in graph.initializer}
+        self.inputs = [i for i in graph.input if i.name not in self.consts]
+        self.dims = [declared_dims(i) for i in self.inputs]
+        self.dtypes = {i.name: ONNX_DTYPES.get(i.type.tensor_type.elem_type, torch.float32) for i in self.inputs}
+        self.model = OnnxModel([i.name for i in self.inputs], [o.name for o in graph.output], self.dims)
+        if len(self.inputs) == 1 and (shape := static_input_shape(self.inputs[0])) is not None:
+            self.model.input_shape = shape
+        self.consumed = {name for node in graph.node for name in node.input} | set(self.model.output_names)
+        self.available = set(self.model.input_names)
+        self.taken: set[str] = set()
+        # shapes of run-time values: needed only to fold Shape nodes; exact when only batch dims are free
+        self.tracer = None
+        if any(n.op_type == "Shape" for n in graph.node) and all(d is not None and None not in d[1:] for d in self.dims):
+            last_use = {name: k for k, node in enumerate(graph.node) for name in node.input}
+            self.tracer = ShapeTracer(self.inputs, self.dims, self.dtypes, last_use)
+        self.shapes = {i.name: [None, *d[1:]] for i, d in zip(self.inputs, self.dims)} if self.tracer else {}
+        self.ranks = value_ranks(proto) | {name: len(d) for name, d in self.shapes.items()}
+        self.partial: dict[str, list[int | None]] = {}
+
+    def run(self) -> OnnxModel:
+        for index, node in enumerate(self.graph.node):
+            self.add_node(index, node)
+        for name in self.model.output_names:
+            if name not in self.available:
+                raise ConvlensError(f"ONNX graph output {name!r} is a constant or is never computed")
+        model = self.model
+        model.prune()
+        model.plan_release()
+        model.eval()
+        if any(d and d[0] is not None for d in self.dims):  # the file fixes the batch size: is it really fixed?
+            complete = all(d is not None and d[0] is not None and None not in d[1:] for d in self.dims)
+            model.batch_free = complete and batch_is_free(model, self.dtypes)
+        return model
+
+    def add_node(self, index: int, node) -> None:
+        """Fold the node into a constant, or add it as a step (and trace its output shape)."""
         ctx = NodeContext(node.name or f"{node.op_type}_{index}", node.op_type, list(node.input),
-                          list(node.output), attributes(node), opset, consts, ranks)
-        check_outputs(ctx, consumed)
+                          list(node.output), attributes(node), self.opset, self.consts, self.ranks)
+        check_outputs(ctx, self.consumed)
         for name in node.input:
-            if name and name not in consts and name not in available:
+            if name and name not in self.consts and name not in self.available:
                 ctx.fail(f"reads {name!r}, which no earlier node produces")
-        if (static := static_shape_value(ctx, shapes, partial)) is not None:
-            consts[node.output[0]] = static
-            continue
+        output = node.output[0]
+        if (static := static_shape_value(ctx, self.shapes, self.partial)) is not None:
+            self.consts[output] = static
+            return
         module = convert_node(ctx)
         runtime = [node.input[p] for p in runtime_positions(module)]
-        if all(name in consts for name in runtime):  # a constant: evaluate once, keep no module
-            consts[node.output[0]] = fold(ctx, module, [consts[name] for name in runtime])
-            continue
-        name = module_name(node.name, node.op_type, index, taken, model)
-        model.add_step(name, module, runtime, node.output[0], ctx.name)
-        available.add(node.output[0])
-        if tracer is not None and (shape := tracer.step(index, module, runtime, node.output[0])) is not None:
-            shapes[node.output[0]] = shape
-            ranks[node.output[0]] = len(shape)
-    for name in model.output_names:
-        if name not in available:
-            raise ConvlensError(f"ONNX graph output {name!r} is a constant or is never computed")
-    model.prune()
-    model.plan_release()
-    model.eval()
-    if any(d and d[0] is not None for d in dims):  # the file fixes the batch size: is it really fixed?
-        complete = all(d is not None and d[0] is not None and None not in d[1:] for d in dims)
-        model.batch_free = complete and batch_is_free(model, dtypes)
-    return model
+        if all(name in self.consts for name in runtime):  # a constant: evaluate once, keep no module
+            self.consts[output] = fold(ctx, module, [self.consts[name] for name in runtime])
+            return
+        name = module_name(node.name, node.op_type, index, self.taken, self.model)
+        self.model.add_step(name, module, runtime, output, ctx.name)
+        self.available.add(output)
+        if self.tracer is not None and (shape := self.tracer.step(index, module, runtime, output)) is not None:
+            self.shapes[output] = shape
+            self.ranks[output] = len(shape)
 
 
 def convert_node(ctx: NodeContext) -> nn.Module:
