@@ -130,6 +130,43 @@ def test_labnet_matches_onnxruntime_and_native(labnet_pair):
     assert model.input_shape == (1, 28, 28)
 
 
+@pytest.mark.slow
+def test_default_dynamo_exporter_gives_the_same_layer_names(labnet_pair, tmp_path):
+    """torch's default exporter names nodes ``node_relu_2``; the module path it records names the layers."""
+    pytest.importorskip("onnxscript")
+    native, legacy, _ = labnet_pair
+    path = str(tmp_path / "lab_dynamo.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(native, (torch.rand(2, 1, 28, 28),), path, dynamo=True, input_names=["x"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+    model = load_onnx(path)
+    names = {n for n, _ in model.named_children()}
+    assert {"l1_conv_Conv", "l3_relu_Relu", "l4_fc_Gemm", "l5_Gemm"} <= names
+    assert model.onnx_names["l3_relu_Relu"].startswith("node_")
+    assert names - {n for n, _ in legacy.named_children()} == {"flat_Reshape"}  # torch.export writes Flatten as a view
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        np.testing.assert_allclose(model(x).numpy(), run_ort(path, x.numpy()), atol=1e-4, rtol=0)
+    cam_native = make_method("gradcam", native, layer="l3").attribute(x)
+    cam_onnx = make_method("gradcam", model, layer="l3_relu_Relu").attribute(x)
+    torch.testing.assert_close(cam_onnx.maps, cam_native.maps, atol=1e-5, rtol=0)
+
+
+def test_recorded_torch_module_path_names_the_layer(tmp_path):
+    conv = helper.make_node("Conv", ["x", "w"], ["c"], name="node_conv2d_3")
+    conv.metadata_props.add(key="pkg.torch.onnx.name_scopes", value="['', 'features', 'features.0', 'conv2d_3']")
+    relu = helper.make_node("Relu", ["c"], ["r"], name="node_relu")
+    relu.metadata_props.add(key="pkg.torch.onnx.name_scopes", value="['', 'relu']")
+    odd = helper.make_node("Relu", ["r"], ["y"], name="9/odd name")
+    odd.metadata_props.add(key="pkg.torch.onnx.name_scopes", value="not a list")
+    path = str(tmp_path / "m.onnx")
+    onnx.save(graph_model([conv, relu, odd], {"x": (1, 2, 5, 5)}, {"w": rand(3, 2, 3, 3)}), path)
+    model = load_onnx(path)
+    assert [n for n, _ in model.named_children()] == ["features_0_Conv", "Relu", "Relu_9_odd_name"]
+    assert model.onnx_names == {"features_0_Conv": "node_conv2d_3", "Relu": "node_relu", "Relu_9_odd_name": "9/odd name"}
+
+
 def test_copy_and_pickle_keep_the_function(labnet_pair, tmp_path):
     """deepcopy (cascading randomization) and torch.save of the whole module (worker processes) work."""
     import copy
@@ -270,6 +307,8 @@ OP_CASES = {
                                                    pads=[1, 0, 0, 2])], X4, {}, 17),
     "avgpool-ceil": ([helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[2, 2], strides=[2, 2],
                                        ceil_mode=1)], X4, {}, 17),
+    "avgpool-ceil-pads": ([helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2],
+                                            pads=[1, 1, 1, 1], ceil_mode=1)], X4, {}, 19),
     "global-max-pool": ([helper.make_node("GlobalMaxPool", ["x"], ["y"])], X4, {}, 17),
     "clip-attributes-relu6": ([helper.make_node("Clip", ["x"], ["y"], min=0.0, max=6.0)], X4, {}, 10),
     "clip-inputs-hardtanh": ([helper.make_node("Clip", ["x", "lo", "hi"], ["y"])], X4,

@@ -1,7 +1,8 @@
 """Load an ONNX file as a torch module whose layers keep the ONNX node names.
 
 ``load_onnx("model.onnx")`` returns an :class:`OnnxModel`: one submodule per ONNX node,
-named after the node (sanitized: ``/l3/relu/Relu`` → ``l3_relu_Relu``), run in the file's
+named after the node (sanitized: ``/l3/relu/Relu`` → ``l3_relu_Relu``; from torch's dynamo
+exporter, after the module path it records, which gives the same names), run in the file's
 order. So ``resolve_layer(model, "l3_relu_Relu")``, ``--layer``, forward hooks and every
 attribution method work on it as on a native network; convolutions, batch norms, dense
 layers, ReLUs and pools are the ordinary torch modules (``nn.Conv2d``, ``nn.BatchNorm2d``,
@@ -25,6 +26,7 @@ Needs the ``onnx`` package (``pip install 'convlens[onnx]'``).
 """
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 from typing import Any
@@ -305,13 +307,33 @@ def static_input_shape(value_info) -> tuple[int, ...] | None:
 
 
 # ---------------------------------------------------------------- names
-def module_name(node_name: str, op: str, index: int, taken: set[str], owner: nn.Module) -> str:
-    """A valid, unique submodule name from an ONNX node name: non-word runs → '_'.
+TORCH_SCOPES = "pkg.torch.onnx.name_scopes"
+
+
+def node_label(node) -> str:
+    """What a node's layer name is made from: its name, or for torch's (dynamo) exporter, which
+    names nodes ``node_relu_2``, the module path it records, ``l3.relu`` + op → ``/l3/relu/Relu``,
+    as torch's TorchScript exporter names that node."""
+    scopes = next((p.value for p in getattr(node, "metadata_props", ()) if p.key == TORCH_SCOPES), None)
+    if scopes is None:
+        return node.name
+    try:
+        items = ast.literal_eval(scopes)  # e.g. "['', 'l3', 'l3.relu', 'relu_2']": module scopes, then the op
+    except (ValueError, SyntaxError):
+        return node.name
+    if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+        return node.name
+    scope = items[-2] if len(items) >= 2 else ""
+    return f"/{scope.replace('.', '/')}/{node.op_type}" if scope else f"/{node.op_type}"
+
+
+def module_name(label: str, op: str, index: int, taken: set[str], owner: nn.Module) -> str:
+    """A valid, unique submodule name from a node label (see :func:`node_label`): non-word runs → '_'.
 
     ``/l3/relu/Relu`` → ``l3_relu_Relu``; an unnamed node → ``<Op>_<index>``; a clash with
     another node or a Module attribute gets ``_2``, ``_3`` ….
     """
-    base = re.sub(r"\W+", "_", node_name).strip("_") or f"{op}_{index}"
+    base = re.sub(r"\W+", "_", label).strip("_") or f"{op}_{index}"
     if base[0].isdigit():
         base = f"{op}_{base}"
     name, k = base, 1
@@ -385,7 +407,7 @@ class GraphConverter:
         if all(name in self.consts for name in runtime):  # a constant: evaluate once, keep no module
             self.consts[output] = fold(ctx, module, [self.consts[name] for name in runtime])
             return
-        name = module_name(node.name, node.op_type, index, self.taken, self.model)
+        name = module_name(node_label(node), node.op_type, index, self.taken, self.model)
         self.model.add_step(name, module, runtime, output, ctx.name)
         self.available.add(output)
         if self.tracer is not None and (shape := self.tracer.step(index, module, runtime, output)) is not None:

@@ -471,7 +471,7 @@ def convert_avgpool(ctx: NodeContext) -> nn.Module:
         ctx.fail("dilated average pooling is not supported")
     ceil, include = bool(ctx.attr("ceil_mode", 0)), bool(ctx.attr("count_include_pad", 0))
     plain, padded = AVGPOOL[k]
-    if fits_torch_padding(padding, kernel, dilation) and not (ceil and any(padding)):
+    if fits_torch_padding(padding, kernel, dilation):
         return plain(kernel, stride, padding, ceil_mode=ceil, count_include_pad=include)
     if ceil:
         ctx.fail("ceil_mode with padding that torch cannot express is not supported")
