@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/actmax.py --model convlens-out/lab/train
 	$(BIN)/python bench/attribution.py
 	$(BIN)/python bench/evaluate.py --model convlens-out/lab/train
+	$(BIN)/python bench/onnx_import.py
 
 clean:
 	rm -rf $(VENV) convlens-out
