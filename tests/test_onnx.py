@@ -415,6 +415,30 @@ def test_known_dims_of_a_shape_are_constants(tmp_path):
     np.testing.assert_allclose(model(x).numpy(), run_ort(path, x.numpy()), atol=1e-6)
 
 
+def test_channels_last_image_input_is_taken_as_nchw(tmp_path):
+    """A Keras model through tf2onnx: NHWC input, Rescaling (Mul, Add) in NHWC, then a Transpose to NCHW.
+    convlens hands every model NCHW images; the converted model permutes them itself."""
+    nodes = [helper.make_node("Mul", ["x", "scale"], ["m"]), helper.make_node("Add", ["m", "shift"], ["a"]),
+             helper.make_node("Transpose", ["a"], ["t"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["t", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="model/conv2d/BiasAdd"),
+             helper.make_node("Relu", ["c"], ["r"], name="model/conv2d/Relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("MatMul", ["f", "dense"], ["y"], name="model/dense/MatMul")]
+    consts = {"scale": np.float32([1 / 255, 2 / 255, 3 / 255]), "shift": np.float32([-1, 0, 1]),
+              "w": rand(4, 3, 3, 3), "b": rand(4), "dense": rand(4, 5)}
+    path = str(tmp_path / "keras.onnx")
+    onnx.save(graph_model(nodes, {"x": ("n", 12, 10, 3)}, consts), path)
+    model = load_onnx(path)
+    assert model.input_shape == (3, 12, 10) and model.channels_last_inputs == {"x"}
+    x = torch.rand(2, 3, 12, 10) * 255
+    with torch.no_grad():
+        ours = model(x)
+    np.testing.assert_allclose(ours.numpy(), run_ort(path, x.permute(0, 2, 3, 1).numpy()), atol=1e-4, rtol=0)
+    assert isinstance(resolve_layer(model, "model_conv2d_Relu")[1], nn.ReLU)
+    with pytest.raises(ConvlensError, match=r"has shape \(N, 3, 12, 10\)"):
+        model(x.permute(0, 2, 3, 1))
+
+
 # ------------------------------------------------------------------ bad input
 def test_unsupported_operator_is_named(tmp_path):
     nms = helper.make_node("NonMaxSuppression", ["boxes", "scores"], ["y"], name="nms_1")

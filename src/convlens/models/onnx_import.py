@@ -60,7 +60,8 @@ class OnnxModel(nn.Module):
     """An ONNX graph as a torch module: one submodule per node, executed in the file's (topological) order.
 
     ``onnx_names`` maps each submodule's name to its ONNX node name; ``input_shape`` (C, H, W)
-    is set when the file declares a static image input. Every dim the file fixes is checked on
+    is set when the file declares a static image input. An image input the file takes
+    channels-last (Keras / tf2onnx) is given NCHW like every other model and permuted here. Every dim the file fixes is checked on
     each call, but the batch dim when ``batch_free``: where the file fixes the batch size, the
     loader checks that the graph still computes per sample for another size (see :func:`batch_is_free`).
     """
@@ -69,6 +70,7 @@ class OnnxModel(nn.Module):
         super().__init__()
         self.input_names, self.output_names, self.input_dims = input_names, output_names, input_dims
         self.batch_free = True
+        self.channels_last_inputs: set[str] = set()  # image inputs the file takes as NHWC: callers give NCHW
         self.steps: list[tuple[str, list[str], str, list[str]]] = []  # (module, inputs, output, released)
         self.onnx_names: dict[str, str] = {}
 
@@ -106,7 +108,8 @@ class OnnxModel(nn.Module):
                                 f"({', '.join(self.input_names)}), got {len(inputs)}")
         for name, x, dims in zip(self.input_names, inputs, self.input_dims):
             check_input_dims(name, x, dims, self.batch_free)
-        values: dict[str, Any] = dict(zip(self.input_names, inputs))
+        values: dict[str, Any] = {name: x.permute(0, 2, 3, 1) if name in self.channels_last_inputs else x
+                                  for name, x in zip(self.input_names, inputs)}
         for module_name, names, output, released in self.steps:
             values[output] = self._modules[module_name](*(values[n] for n in names))
             for name in released:
@@ -298,12 +301,39 @@ def static_shape_value(ctx: NodeContext, shapes: dict, partial: dict) -> torch.T
     return None
 
 
-def static_input_shape(value_info) -> tuple[int, ...] | None:
+def static_input_shape(dims: list[int | None] | None) -> tuple[int, ...] | None:
     """(C, H, W …) of an input whose non-batch dims are all fixed numbers."""
-    dims = value_info.type.tensor_type.shape.dim
-    if len(dims) < 2 or not all(d.HasField("dim_value") for d in dims[1:]):
+    if dims is None or len(dims) < 2 or None in dims[1:]:
         return None
-    return tuple(int(d.dim_value) for d in dims[1:])
+    return tuple(dims[1:])
+
+
+ELEMENTWISE = {"Mul", "Add", "Sub", "Div", "Cast", "Identity"}
+TO_NCHW = [0, 3, 1, 2]
+
+
+def takes_channels_last(graph, name: str, dims: list[int | None] | None) -> bool:
+    """Whether a 4-D input is an NHWC image: 1 or 3 channels last, and every path from it runs
+    through element-wise ops (a Keras Rescaling layer) into a Transpose to NCHW (as tf2onnx writes it)."""
+    if dims is None or len(dims) != 4 or dims[3] not in (1, 3):
+        return False
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for value in node.input:
+            consumers.setdefault(value, []).append(node)
+    frontier, transposed = [name], False
+    while frontier:
+        for node in consumers.get(frontier.pop(), []):
+            if node.op_type == "Transpose":
+                perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+                if perm != TO_NCHW:
+                    return False
+                transposed = True
+            elif node.op_type in ELEMENTWISE:
+                frontier.extend(node.output)
+            else:
+                return False
+    return transposed
 
 
 # ---------------------------------------------------------------- names
@@ -358,10 +388,13 @@ class GraphConverter:
         self.opset = default_opset(proto)
         self.consts: dict[str, torch.Tensor] = {init.name: to_tensor(init) for init in graph.initializer}
         self.inputs = [i for i in graph.input if i.name not in self.consts]
-        self.dims = [declared_dims(i) for i in self.inputs]
+        self.dims = [declared_dims(i) for i in self.inputs]  # as the file declares them (NHWC stays NHWC)
         self.dtypes = {i.name: ONNX_DTYPES.get(i.type.tensor_type.elem_type, torch.float32) for i in self.inputs}
-        self.model = OnnxModel([i.name for i in self.inputs], [o.name for o in graph.output], self.dims)
-        if len(self.inputs) == 1 and (shape := static_input_shape(self.inputs[0])) is not None:
+        nhwc = {i.name for i, d in zip(self.inputs, self.dims) if takes_channels_last(graph, i.name, d)}
+        caller_dims = [[d[0], d[3], d[1], d[2]] if i.name in nhwc else d for i, d in zip(self.inputs, self.dims)]
+        self.model = OnnxModel([i.name for i in self.inputs], [o.name for o in graph.output], caller_dims)
+        self.model.channels_last_inputs = nhwc
+        if len(self.inputs) == 1 and (shape := static_input_shape(caller_dims[0])) is not None:
             self.model.input_shape = shape
         self.consumed = {name for node in graph.node for name in node.input} | set(self.model.output_names)
         self.available = set(self.model.input_names)
