@@ -328,6 +328,29 @@ OP_CASES = {
     "arithmetic-constants": ([helper.make_node("Sub", ["c", "x"], ["a"]), helper.make_node("Mul", ["a", "c"], ["b"]),
                               helper.make_node("Div", ["b", "d"], ["e"]), helper.make_node("Add", ["e", "x"], ["y"])],
                              X4, {"c": rand(1, 6, 1, 1), "d": np.abs(rand(6, 1, 1)) + 1}, 17),
+    "max-min-sum": ([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Max", ["x", "r", "c"], ["m"]),
+                     helper.make_node("Min", ["m", "c"], ["n"]), helper.make_node("Sum", ["n", "x", "r"], ["y"])],
+                    X4, {"c": rand(10)}, 17),
+    "unary-chain": ([helper.make_node("Abs", ["x"], ["a"]), helper.make_node("Add", ["a", "one"], ["b"]),
+                     helper.make_node("Sqrt", ["b"], ["c"]), helper.make_node("Log", ["c"], ["d"]),
+                     helper.make_node("Exp", ["d"], ["e"]), helper.make_node("Reciprocal", ["e"], ["f"]),
+                     helper.make_node("Neg", ["f"], ["g"]), helper.make_node("Erf", ["g"], ["h"]),
+                     helper.make_node("Pow", ["h", "two"], ["i"]), helper.make_node("Mul", ["x", "i"], ["j"]),
+                     helper.make_node("Floor", ["j"], ["k"]), helper.make_node("Ceil", ["j"], ["l"]),
+                     helper.make_node("Add", ["k", "l"], ["y"])],
+                    X4, {"one": np.float32(1.0), "two": np.float32(2.0)}, 17),
+    "elu-softplus-gelu-prelu": ([helper.make_node("Elu", ["x"], ["a"], alpha=0.7), helper.make_node("Softplus", ["a"], ["b"]),
+                                 helper.make_node("Gelu", ["x"], ["c"], approximate="tanh"),
+                                 helper.make_node("PRelu", ["x", "slope"], ["d"]), helper.make_node("Sum", ["b", "c", "d"], ["y"])],
+                                X4, {"slope": rand(6, 1, 1)}, 20),
+    "hard-sigmoid-torch-constants": ([helper.make_node("HardSigmoid", ["x"], ["y"], alpha=1 / 6, beta=0.5)], X4, {}, 17),
+    "reduce-sum-max-min": ([helper.make_node("ReduceSum", ["x", "a"], ["s"], keepdims=1),
+                            helper.make_node("ReduceMax", ["x"], ["m"], axes=[2, 3], keepdims=1),
+                            helper.make_node("ReduceMin", ["x"], ["n"], axes=[1], keepdims=1),
+                            helper.make_node("Add", ["s", "m"], ["t"]), helper.make_node("Add", ["t", "n"], ["y"])],
+                           X4, {"a": i64(1)}, 17),
+    "matmul-runtime": ([helper.make_node("Transpose", ["x"], ["t"], perm=[0, 1, 3, 2]),
+                        helper.make_node("MatMul", ["x", "t"], ["y"])], X4, {}, 17),
     "concat": ([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Concat", ["x", "r"], ["y"], axis=1)],
                X4, {}, 17),
     "pad-reflect": ([helper.make_node("Pad", ["x", "p"], ["y"], mode="reflect")], X4,
@@ -383,7 +406,8 @@ def test_operator_matches_onnxruntime(tmp_path, case):
 @pytest.mark.parametrize("case, module_type", [
     ("clip-attributes-relu6", nn.ReLU6), ("clip-min-only", nn.ReLU), ("clip-inputs-hardtanh", nn.Hardtanh),
     ("conv-asymmetric-pads", nn.Conv2d), ("conv-same-upper-even-kernel", nn.Conv2d), ("batchnorm", nn.BatchNorm2d),
-    ("gemm-linear", nn.Linear), ("matmul-constant", nn.Linear), ("maxpool-asymmetric", nn.MaxPool2d)])
+    ("gemm-linear", nn.Linear), ("matmul-constant", nn.Linear), ("maxpool-asymmetric", nn.MaxPool2d),
+    ("hard-sigmoid-torch-constants", nn.Hardsigmoid), ("conv-transpose", nn.ConvTranspose2d)])
 def test_layers_are_torch_modules(tmp_path, case, module_type):
     nodes, inputs, consts, opset = OP_CASES[case]
     path = str(tmp_path / "m.onnx")
@@ -437,6 +461,22 @@ def test_channels_last_image_input_is_taken_as_nchw(tmp_path):
     assert isinstance(resolve_layer(model, "model_conv2d_Relu")[1], nn.ReLU)
     with pytest.raises(ConvlensError, match=r"has shape \(N, 3, 12, 10\)"):
         model(x.permute(0, 2, 3, 1))
+
+
+def test_old_opsets_broadcast_from_axis_and_reshape_attribute(tmp_path):
+    """Opset < 7 ``Add(broadcast=1, axis=1)`` adds a per-channel bias; opset < 5 Reshape takes a ``shape``
+    attribute. onnxruntime no longer runs such files: the expected values are written out."""
+    nodes = [helper.make_node("Add", ["x", "b"], ["a"], broadcast=1, axis=1),
+             helper.make_node("Mul", ["a", "s"], ["m"], broadcast=1),
+             helper.make_node("Reshape", ["m"], ["y"], shape=[0, -1])]
+    b, scale = rand(6), rand(10)
+    path = str(tmp_path / "old.onnx")
+    model = graph_model(nodes, X4, {"b": b, "s": scale}, opset=4)
+    model.ir_version = 3
+    onnx.save(model, path)
+    x = torch.from_numpy(rand(2, 6, 9, 10))
+    expected = ((x + torch.from_numpy(b)[None, :, None, None]) * torch.from_numpy(scale)).reshape(2, -1)
+    torch.testing.assert_close(load_onnx(path)(x), expected)
 
 
 # ------------------------------------------------------------------ bad input

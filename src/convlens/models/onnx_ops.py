@@ -106,7 +106,7 @@ class OnnxFunction(nn.Module):
         return f"op={self.op!r}" + (f", {shown}" if shown else "")
 
 
-def function_node(ctx: NodeContext, fn: Callable, ints: tuple[int, ...] = (), **params) -> OnnxFunction:
+def function_node(ctx: NodeContext, function: Callable, ints: tuple[int, ...] = (), **params) -> OnnxFunction:
     """An :class:`OnnxFunction` for ``ctx``: constants at positions ``ints`` become int lists."""
     slots: list = []
     for i, name in enumerate(ctx.inputs):
@@ -117,7 +117,7 @@ def function_node(ctx: NodeContext, fn: Callable, ints: tuple[int, ...] = (), **
             slots.append(as_ints(value) if i in ints else value)
         else:
             slots.append(RUNTIME)
-    return OnnxFunction(ctx.op, fn, slots, params)
+    return OnnxFunction(ctx.op, function, slots, params)
 
 
 def runtime_positions(module: nn.Module) -> list[int]:
@@ -704,7 +704,26 @@ def convert_transpose(ctx: NodeContext) -> nn.Module:
 
 
 def elementwise(fn: Callable) -> Callable[[NodeContext], nn.Module]:
-    return lambda ctx: function_node(ctx, fn)
+    """Converter for a broadcasting operator; before opset 7, ``broadcast=1, axis=k`` aligns B with A's dim k."""
+    def convert(ctx: NodeContext) -> nn.Module:
+        if ctx.opset < 7 and ctx.attr("broadcast", 0) and ctx.attr("axis") is not None:
+            return function_node(ctx, broadcast_from_axis, fn=fn, axis=int(ctx.attr("axis")))
+        return function_node(ctx, fn)
+    return convert
+
+
+def broadcast_from_axis(a, b, *, fn: Callable, axis: int):
+    """fn(A, B) with B's dims matched to A's dims from ``axis`` on (opset < 7 broadcasting)."""
+    trailing = a.dim() - _axis(axis, a.dim()) - b.dim()
+    return fn(a, b.reshape(*b.shape, *([1] * trailing)))
+
+
+def convert_reshape(ctx: NodeContext) -> nn.Module:
+    """Target shape: input 1 (opset ≥ 5) or the ``shape`` attribute; 0 copies the input's dim unless allowzero."""
+    allowzero = int(ctx.attr("allowzero", 0))
+    if ctx.opset < 5:
+        return function_node(ctx, reshape, shape=as_ints(ctx.attr("shape")), allowzero=allowzero)
+    return function_node(ctx, reshape, ints=(1,), allowzero=allowzero)
 
 
 CONVERTERS: dict[str, Callable[[NodeContext], nn.Module]] = {
@@ -754,10 +773,10 @@ CONVERTERS: dict[str, Callable[[NodeContext], nn.Module]] = {
     "Min": lambda ctx: function_node(ctx, fold_left, fn=torch.minimum),
     "Sum": lambda ctx: function_node(ctx, fold_left, fn=torch.add),
     # shapes
-    "Reshape": lambda ctx: function_node(ctx, reshape, ints=(1,), allowzero=int(ctx.attr("allowzero", 0))),
+    "Reshape": convert_reshape,
     "Squeeze": convert_squeeze,
     "Unsqueeze": convert_unsqueeze,
-    "Concat": lambda ctx: function_node(ctx, concat, axis=int(ctx.attr("axis"))),
+    "Concat": lambda ctx: function_node(ctx, concat, axis=int(ctx.attr("axis", 1 if ctx.opset < 4 else None))),
     "Transpose": convert_transpose,
     "Pad": convert_pad,
     "Slice": convert_slice,
