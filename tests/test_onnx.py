@@ -548,3 +548,35 @@ def test_efficientnet_lite0_round_trip(tmp_path, lite0):
     cam_native = make_method("gradcam", native, layer="_head_act").attribute(x)
     cam_onnx = make_method("gradcam", model, layer=layer).attribute(x)
     torch.testing.assert_close(cam_onnx.maps, cam_native.maps, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_cli_on_an_onnx_file(labnet_pair, tmp_path):
+    """--model file.onnx in the commands; bad files give one line and exit code 2."""
+    from PIL import Image
+
+    from conftest import assert_clean_error, run_cli
+
+    _, _, path = labnet_pair
+    proc = run_cli("summary", "--model", path)
+    assert proc.returncode == 0, proc.stderr
+    assert "l3_relu_Relu" in proc.stdout and "Total params: 7,465" in proc.stdout
+    digit = (np.random.default_rng(0).random((28, 28)) * 255).astype(np.uint8)
+    Image.fromarray(digit).save(tmp_path / "digit.png")
+    out = tmp_path / "explain"
+    proc = run_cli("explain", tmp_path / "digit.png", "--model", path, "--layer", "l3_relu_Relu",
+                   "--methods", "gradcam,guided-backprop", "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    maps = np.load(out / "digit_maps.npz")
+    assert maps["gradcam_raw"].shape == (7, 7) and maps["guided-backprop_raw"].shape == (1, 28, 28)
+
+    nms = helper.make_node("NonMaxSuppression", ["boxes", "scores"], ["y"], name="nms_1")
+    graph = helper.make_graph([nms], "g", [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 4, 4]),
+                                           helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, ["k", 3])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "nms.onnx"))
+    assert_clean_error(run_cli("summary", "--model", tmp_path / "nms.onnx"),
+                       "ONNX operator 'NonMaxSuppression' (node 'nms_1') is not supported")
+    (tmp_path / "fake.onnx").write_text("not a model")
+    assert_clean_error(run_cli("explain", "--model", tmp_path / "fake.onnx", tmp_path / "digit.png"),
+                       "not an ONNX model")
