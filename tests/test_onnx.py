@@ -164,7 +164,8 @@ def test_recorded_torch_module_path_names_the_layer(tmp_path):
     onnx.save(graph_model([conv, relu, odd], {"x": (1, 2, 5, 5)}, {"w": rand(3, 2, 3, 3)}), path)
     model = load_onnx(path)
     assert [n for n, _ in model.named_children()] == ["features_0_Conv", "Relu", "Relu_9_odd_name"]
-    assert model.onnx_names == {"features_0_Conv": "node_conv2d_3", "Relu": "node_relu", "Relu_9_odd_name": "9/odd name"}
+    assert model.onnx_names == {"features_0_Conv": "node_conv2d_3", "Relu": "node_relu",
+                                "Relu_9_odd_name": "9/odd name"}
 
 
 def test_copy_and_pickle_keep_the_function(labnet_pair, tmp_path):
@@ -339,11 +340,14 @@ OP_CASES = {
                      helper.make_node("Floor", ["j"], ["k"]), helper.make_node("Ceil", ["j"], ["l"]),
                      helper.make_node("Add", ["k", "l"], ["y"])],
                     X4, {"one": np.float32(1.0), "two": np.float32(2.0)}, 17),
-    "elu-softplus-gelu-prelu": ([helper.make_node("Elu", ["x"], ["a"], alpha=0.7), helper.make_node("Softplus", ["a"], ["b"]),
+    "elu-softplus-gelu-prelu": ([helper.make_node("Elu", ["x"], ["a"], alpha=0.7),
+                                 helper.make_node("Softplus", ["a"], ["b"]),
                                  helper.make_node("Gelu", ["x"], ["c"], approximate="tanh"),
-                                 helper.make_node("PRelu", ["x", "slope"], ["d"]), helper.make_node("Sum", ["b", "c", "d"], ["y"])],
+                                 helper.make_node("PRelu", ["x", "slope"], ["d"]),
+                                 helper.make_node("Sum", ["b", "c", "d"], ["y"])],
                                 X4, {"slope": rand(6, 1, 1)}, 20),
-    "hard-sigmoid-torch-constants": ([helper.make_node("HardSigmoid", ["x"], ["y"], alpha=1 / 6, beta=0.5)], X4, {}, 17),
+    "hard-sigmoid-torch-constants": ([helper.make_node("HardSigmoid", ["x"], ["y"], alpha=1 / 6, beta=0.5)],
+                                     X4, {}, 17),
     "reduce-sum-max-min": ([helper.make_node("ReduceSum", ["x", "a"], ["s"], keepdims=1),
                             helper.make_node("ReduceMax", ["x"], ["m"], axes=[2, 3], keepdims=1),
                             helper.make_node("ReduceMin", ["x"], ["n"], axes=[1], keepdims=1),
@@ -375,7 +379,8 @@ OP_CASES = {
                              {"i": i64(0), "m": i64(-1)}, 17),  # a symbolic batch: computed at run time
     "unsqueeze-squeeze-opset11": ([helper.make_node("Unsqueeze", ["x"], ["u"], axes=[0, -1]),
                                    helper.make_node("Squeeze", ["u"], ["y"], axes=[0])], X4, {}, 11),
-    "dropout-identity-logsoftmax": ([helper.make_node("Dropout", ["x"], ["d"]), helper.make_node("Identity", ["d"], ["i"]),
+    "dropout-identity-logsoftmax": ([helper.make_node("Dropout", ["x"], ["d"]),
+                                     helper.make_node("Identity", ["d"], ["i"]),
                                      helper.make_node("LogSoftmax", ["i"], ["y"], axis=1)], X4, {}, 13),
     "gemm-no-bias": ([helper.make_node("Gemm", ["x", "w"], ["y"])], {"x": (4, 5)}, {"w": rand(5, 3)}, 17),
     "expand-cast-constant-of-shape": ([helper.make_node("ConstantOfShape", ["s"], ["c"],

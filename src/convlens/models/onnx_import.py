@@ -61,9 +61,10 @@ class OnnxModel(nn.Module):
 
     ``onnx_names`` maps each submodule's name to its ONNX node name; ``input_shape`` (C, H, W)
     is set when the file declares a static image input. An image input the file takes
-    channels-last (Keras / tf2onnx) is given NCHW like every other model and permuted here. Every dim the file fixes is checked on
-    each call, but the batch dim when ``batch_free``: where the file fixes the batch size, the
-    loader checks that the graph still computes per sample for another size (see :func:`batch_is_free`).
+    channels-last (Keras / tf2onnx) is given NCHW like every other model and permuted here.
+    Every dim the file fixes is checked on each call, but the batch dim when ``batch_free``:
+    where the file fixes the batch size, the loader checks that the graph still computes per
+    sample for another size (see :func:`batch_is_free`).
     """
 
     def __init__(self, input_names: list[str], output_names: list[str], input_dims: list[list[int | None] | None]):
@@ -401,7 +402,8 @@ class GraphConverter:
         self.taken: set[str] = set()
         # shapes of run-time values: needed only to fold Shape nodes; exact when only batch dims are free
         self.tracer = None
-        if any(n.op_type == "Shape" for n in graph.node) and all(d is not None and None not in d[1:] for d in self.dims):
+        only_batch_free = all(d is not None and None not in d[1:] for d in self.dims)
+        if only_batch_free and any(n.op_type == "Shape" for n in graph.node):
             last_use = {name: k for k, node in enumerate(graph.node) for name in node.input}
             self.tracer = ShapeTracer(self.inputs, self.dims, self.dtypes, last_use)
         self.shapes = {i.name: [None, *d[1:]] for i, d in zip(self.inputs, self.dims)} if self.tracer else {}
