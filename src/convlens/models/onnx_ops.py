@@ -394,7 +394,7 @@ def convert_clip(ctx: NodeContext) -> nn.Module:
         return nn.ReLU()
     if lo == 0.0 and hi == 6.0:
         return nn.ReLU6()
-    if lo is not None and hi is not None:
+    if lo is not None and hi is not None and lo < hi:
         return nn.Hardtanh(lo, hi)
     return Clamp(lo, hi)
 
