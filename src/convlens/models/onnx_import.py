@@ -7,20 +7,28 @@ order. So ``resolve_layer(model, "l3_relu_Relu")``, ``--layer``, forward hooks a
 attribution method work on it as on a native network; convolutions, batch norms, dense
 layers, ReLUs and pools are the ordinary torch modules (``nn.Conv2d``, ``nn.BatchNorm2d``,
 ``nn.Linear``, ``nn.ReLU``/``nn.ReLU6``, ``nn.MaxPool2d`` …), which is what the
-guided-backprop rule and the layer pickers look for. Nodes whose inputs are all constants
-(shape arithmetic, ``Constant``) are evaluated once at load time and leave no module.
+guided-backprop rule and the layer pickers look for.
 
-Why our own converter rather than onnx2torch (1.5.15): onnx2torch imports torchvision at
-import time (for its NonMaxSuppression and RoiAlign converters), and torchvision cannot be
-imported beside torch 2.13 here. Making that import harmless means either a fake
-torchvision in ``sys.modules`` while onnx2torch loads — which leaks into, or races with,
-the user's own imports of torchvision in the same process, and breaks whenever onnx2torch
-reorganizes its package — or importing its private submodules one by one, which depends on
-its internal layout. Its output is also a ``torch.fx`` graph whose module names and
-activation modules we do not control. The CNN operator set is small (see
-:mod:`convlens.models.onnx_ops`), its semantics are written in the ONNX spec, and owning
-it gives predictable layer names, standard torch layer classes, and a clear error for
-anything else: ``ONNX operator 'NonMaxSuppression' (node 'nms_1') is not supported``.
+Load-time work: nodes whose inputs are all constants (``Constant``, shape arithmetic) are
+evaluated once and leave no module; so are ``Shape`` → ``Gather`` of dims the file fixes
+(found by running the steps on zeros at two batch sizes, only for graphs with Shape nodes).
+The batch dim stays free even where the file fixes it, when a check at load shows the graph
+computes per sample (else that batch size is enforced, with a one-line hint); the other
+fixed dims are checked on every call. An NHWC image input (Keras through tf2onnx) is taken
+NCHW like every other model's.
+
+Why our own converter rather than onnx2torch (1.5.15): importing any part of onnx2torch runs
+its ``node_converters/__init__.py``, which imports every converter module, the NMS and
+RoiAlign ones included, and those import torchvision — which cannot be imported beside
+torch 2.13 here. Importing its submodules selectively is therefore not possible; the only
+way in is a stand-in ``torchvision`` (or stand-ins for its nms/roialign modules) in
+``sys.modules`` during the import, a process-wide patch that other code importing
+torchvision at the same time would see, and that breaks whenever onnx2torch moves those
+imports. Its output is also a ``torch.fx`` graph named and built its own way. The CNN
+operator set is small (see :mod:`convlens.models.onnx_ops`), its semantics are written in
+the ONNX spec, and owning it gives predictable layer names, standard torch layer classes,
+and a clear error for anything else:
+``ONNX operator 'NonMaxSuppression' (node 'nms_1') is not supported``.
 
 Needs the ``onnx`` package (``pip install 'convlens[onnx]'``).
 """
