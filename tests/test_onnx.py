@@ -294,6 +294,9 @@ OP_CASES = {
                                          output_padding=[1, 0])], X4, {"w": rand(6, 4, 3, 3), "b": rand(4)}, 17),
     "batchnorm": ([helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], epsilon=1e-3)], X4,
                   {"s": rand(6), "b": rand(6), "m": rand(6), "v": np.abs(rand(6)) + 0.5}, 15),
+    "instance-norm": ([helper.make_node("InstanceNormalization", ["x", "s", "b"], ["y"], epsilon=1e-3)], X4,
+                      {"s": rand(6), "b": rand(6)}, 17),
+    "lrn-odd": ([helper.make_node("LRN", ["x"], ["y"], size=5, alpha=1e-3, beta=0.75, bias=2.0)], X4, {}, 17),
     "maxpool-ceil-pads": ([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], strides=[2, 2],
                                             pads=[1, 1, 1, 1], ceil_mode=1)], X4, {}, 17),
     "maxpool-asymmetric": ([helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 3], strides=[2, 2],
@@ -412,13 +415,27 @@ def test_operator_matches_onnxruntime(tmp_path, case):
     ("clip-attributes-relu6", nn.ReLU6), ("clip-min-only", nn.ReLU), ("clip-inputs-hardtanh", nn.Hardtanh),
     ("conv-asymmetric-pads", nn.Conv2d), ("conv-same-upper-even-kernel", nn.Conv2d), ("batchnorm", nn.BatchNorm2d),
     ("gemm-linear", nn.Linear), ("matmul-constant", nn.Linear), ("maxpool-asymmetric", nn.MaxPool2d),
-    ("hard-sigmoid-torch-constants", nn.Hardsigmoid), ("conv-transpose", nn.ConvTranspose2d)])
+    ("hard-sigmoid-torch-constants", nn.Hardsigmoid), ("conv-transpose", nn.ConvTranspose2d),
+    ("instance-norm", nn.InstanceNorm2d), ("lrn-odd", nn.LocalResponseNorm)])
 def test_layers_are_torch_modules(tmp_path, case, module_type):
     nodes, inputs, consts, opset = OP_CASES[case]
     path = str(tmp_path / "m.onnx")
     onnx.save(graph_model(nodes, inputs, consts, opset), path)
     layers = list(load_onnx(path).children())
     assert len(layers) == 1 and isinstance(layers[0], module_type)
+
+
+def test_lrn_even_window_by_the_formula(tmp_path):
+    """onnxruntime refuses an even LRN size; the spec's window is ⌊(size−1)/2⌋ channels before, ⌈(size−1)/2⌉ after."""
+    path = str(tmp_path / "lrn.onnx")
+    node = helper.make_node("LRN", ["x"], ["y"], size=4, alpha=1e-2, beta=0.5, bias=1.5)
+    onnx.save(graph_model([node], {"x": (2, 5, 3, 4)}), path)
+    x = torch.from_numpy(rand(2, 5, 3, 4)) * 3
+    expected = torch.empty_like(x)
+    for c in range(5):
+        window = (x[:, max(0, c - 1):min(5, c + 3)] ** 2).sum(1)
+        expected[:, c] = x[:, c] / (1.5 + 1e-2 / 4 * window) ** 0.5
+    torch.testing.assert_close(load_onnx(path)(x), expected)
 
 
 def test_constants_leave_no_module(tmp_path):

@@ -327,6 +327,39 @@ def convert_batchnorm(ctx: NodeContext) -> nn.Module:
     return bn
 
 
+INSTANCENORM = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}
+
+
+def convert_instancenorm(ctx: NodeContext) -> nn.Module:
+    """y = scale · (x − mean) / √(var + ε) + B, statistics per sample and channel."""
+    scale, shift = ctx.require_const(1, "scale"), ctx.require_const(2, "bias")
+    cls = INSTANCENORM.get(ctx.rank(0))
+    if cls is None:
+        ctx.fail("the input's rank must be known (3 to 5)")
+    norm = cls(scale.numel(), eps=float(ctx.attr("epsilon", 1e-5)), affine=True)
+    load_parameters(norm, weight=scale, bias=shift)
+    return norm
+
+
+def convert_lrn(ctx: NodeContext) -> nn.Module:
+    """y = x / (bias + α/size · Σ x²)^β over ``size`` channels around each one; torch's
+    LocalResponseNorm centres the window the same way when ``size`` is odd."""
+    size = int(ctx.attr("size"))
+    options = dict(alpha=float(ctx.attr("alpha", 1e-4)), beta=float(ctx.attr("beta", 0.75)),
+                   bias=float(ctx.attr("bias", 1.0)))
+    if size % 2:
+        return nn.LocalResponseNorm(size, options["alpha"], options["beta"], options["bias"])
+    return function_node(ctx, local_response_norm, size=size, **options)
+
+
+def local_response_norm(x, *, size: int, alpha: float, beta: float, bias: float):
+    """ONNX LRN for an even window: ⌊(size−1)/2⌋ channels before, ⌈(size−1)/2⌉ after."""
+    squares = (x * x).reshape(x.shape[0], 1, x.shape[1], -1)
+    squares = F.pad(squares, [0, 0, (size - 1) // 2, size // 2])
+    window_sum = F.avg_pool2d(squares, (size, 1), stride=1) * size
+    return x / (bias + alpha / size * window_sum.reshape(x.shape)) ** beta
+
+
 def convert_gemm(ctx: NodeContext) -> nn.Module:
     """Y = α·A'·B' + β·C; with constant B and C and no transA: nn.Linear(W = α·B'ᵀ, b = β·C)."""
     alpha, beta = float(ctx.attr("alpha", 1.0)), float(ctx.attr("beta", 1.0))
@@ -731,6 +764,8 @@ CONVERTERS: dict[str, Callable[[NodeContext], nn.Module]] = {
     "Conv": convert_conv,
     "ConvTranspose": convert_conv_transpose,
     "BatchNormalization": convert_batchnorm,
+    "InstanceNormalization": convert_instancenorm,
+    "LRN": convert_lrn,
     "Gemm": convert_gemm,
     "MatMul": convert_matmul,
     "MaxPool": convert_maxpool,
