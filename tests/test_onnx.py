@@ -68,6 +68,25 @@ class SmallResNet(nn.Module):
         return self.head(self.gap(x).reshape(x.size(0), -1))  # Shape/Gather/Concat/Reshape at run time
 
 
+class ShuffleBlock(nn.Module):
+    """ShuffleNet v2 style: split the channels, convolve one half, concatenate, shuffle."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.branch = nn.Sequential(nn.Conv2d(c // 2, c // 2, 1), nn.BatchNorm2d(c // 2), nn.ReLU(),
+                                    nn.Conv2d(c // 2, c // 2, 3, padding=1, groups=c // 2))
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        keep, work = x.chunk(2, dim=1)
+        x = torch.cat([keep, self.branch(work)], 1)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.head(x.mean((2, 3)))
+
+
 def random_batchnorm(model: nn.Module) -> nn.Module:
     """Non-trivial running statistics and affine parameters, so BN is not an identity."""
     for m in model.modules():
@@ -118,6 +137,20 @@ def test_small_resnet_matches_onnxruntime(tmp_path, keep_bn):
     guided_native = make_method("guided-backprop", native).attribute(x)
     guided_onnx = make_method("guided-backprop", model).attribute(x)
     torch.testing.assert_close(guided_onnx.raw, guided_native.raw, atol=1e-5, rtol=0)
+
+
+def test_channel_split_and_shuffle(tmp_path):
+    """chunk → Slice with computed bounds, reshape with the run-time batch: shape arithmetic at run time."""
+    torch.manual_seed(3)
+    native = random_batchnorm(ShuffleBlock())
+    path = export(native, torch.rand(2, 3, 10, 10), tmp_path / "shuffle.onnx")
+    model = load_onnx(path)
+    x = torch.rand(3, 3, 10, 10)
+    with torch.no_grad():
+        np.testing.assert_allclose(model(x).numpy(), run_ort(path, x.numpy()), atol=1e-4, rtol=0)
+        torch.testing.assert_close(model(x), native(x), atol=1e-5, rtol=0)
+    cam = make_method("gradcam", model, layer="branch_branch_3_Conv").attribute(x)
+    assert cam.maps.shape == (3, 10, 10) and cam.maps.abs().max() > 0
 
 
 def test_labnet_matches_onnxruntime_and_native(labnet_pair):
@@ -358,6 +391,14 @@ OP_CASES = {
                            X4, {"a": i64(1)}, 17),
     "matmul-runtime": ([helper.make_node("Transpose", ["x"], ["t"], perm=[0, 1, 3, 2]),
                         helper.make_node("MatMul", ["x", "t"], ["y"])], X4, {}, 17),
+    "split-sizes-input": ([helper.make_node("Split", ["x", "s"], ["a", "b", "c"], axis=1),
+                           helper.make_node("Mul", ["a", "c"], ["m"]),
+                           helper.make_node("Concat", ["m", "b"], ["y"], axis=1)],
+                          X4, {"s": i64(2, 2, 2)}, 13),
+    "split-uneven-num-outputs": ([helper.make_node("Split", ["x"], ["a", "b"], axis=3, num_outputs=2),
+                                  helper.make_node("Relu", ["b"], ["r"]),
+                                  helper.make_node("Concat", ["r", "a"], ["y"], axis=3)],
+                                 {"x": (2, 6, 9, 9)}, {}, 18),
     "concat": ([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Concat", ["x", "r"], ["y"], axis=1)],
                X4, {}, 17),
     "pad-reflect": ([helper.make_node("Pad", ["x", "p"], ["y"], mode="reflect")], X4,
@@ -426,7 +467,7 @@ def test_layers_are_torch_modules(tmp_path, case, module_type):
 
 
 def test_lrn_even_window_by_the_formula(tmp_path):
-    """onnxruntime refuses an even LRN size; the spec's window is ⌊(size−1)/2⌋ channels before, ⌈(size−1)/2⌉ after."""
+    """onnxruntime refuses an even LRN size; the spec's window: ⌊(size−1)/2⌋ channels before, ⌈(size−1)/2⌉ after."""
     path = str(tmp_path / "lrn.onnx")
     node = helper.make_node("LRN", ["x"], ["y"], size=4, alpha=1e-2, beta=0.5, bias=1.5)
     onnx.save(graph_model([node], {"x": (2, 5, 3, 4)}), path)

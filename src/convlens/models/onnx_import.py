@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ast
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,36 +81,32 @@ class OnnxModel(nn.Module):
         self.input_names, self.output_names, self.input_dims = input_names, output_names, input_dims
         self.batch_free = True
         self.channels_last_inputs: set[str] = set()  # image inputs the file takes as NHWC: callers give NCHW
-        self.steps: list[tuple[str, list[str], str, list[str]]] = []  # (module, inputs, output, released)
+        self.steps: list[Step] = []
         self.onnx_names: dict[str, str] = {}
 
-    def add_step(self, module_name: str, module: nn.Module, inputs: list[str], output: str, node_name: str):
+    def add_step(self, module_name: str, module: nn.Module, inputs: list[str], outputs: list[str], node_name: str):
         self.add_module(module_name, module)
-        self.steps.append((module_name, inputs, output, []))
+        self.steps.append(Step(module_name, inputs, outputs, unpack=is_multi_output(module)))
         self.onnx_names[module_name] = node_name
 
     def prune(self) -> None:
-        """Drop steps whose output nothing uses (e.g. a Shape whose known dims were folded into constants)."""
+        """Drop steps whose outputs nothing uses (e.g. a Shape whose known dims were folded into constants)."""
         live, kept = set(self.output_names), []
         for step in reversed(self.steps):
-            module_name, inputs, output, _ = step
-            if output in live:
+            if live.intersection(step.outputs):
                 kept.append(step)
-                live.update(inputs)
+                live.update(step.inputs)
             else:
-                del self._modules[module_name]
-                del self.onnx_names[module_name]
+                del self._modules[step.module]
+                del self.onnx_names[step.module]
         self.steps = kept[::-1]
 
     def plan_release(self) -> None:
         """After each step, drop the values no later step and no output needs (keeps memory flat)."""
-        last_use: dict[str, int] = {}
-        for i, (_, inputs, _, _) in enumerate(self.steps):
-            for name in inputs:
-                last_use[name] = i
+        last_use = {name: i for i, step in enumerate(self.steps) for name in step.inputs}
         keep = set(self.output_names)
-        for i, (_, inputs, _, released) in enumerate(self.steps):
-            released[:] = sorted({n for n in inputs if last_use[n] == i and n not in keep})
+        for i, step in enumerate(self.steps):
+            step.released = sorted({n for n in step.inputs if last_use[n] == i and n not in keep})
 
     def forward(self, *inputs: torch.Tensor):
         if len(inputs) != len(self.input_names):
@@ -119,12 +116,37 @@ class OnnxModel(nn.Module):
             check_input_dims(name, x, dims, self.batch_free)
         values: dict[str, Any] = {name: x.permute(0, 2, 3, 1) if name in self.channels_last_inputs else x
                                   for name, x in zip(self.input_names, inputs)}
-        for module_name, names, output, released in self.steps:
-            values[output] = self._modules[module_name](*(values[n] for n in names))
-            for name in released:
+        for step in self.steps:
+            result = self._modules[step.module](*(values[n] for n in step.inputs))
+            store_outputs(values, step.outputs, result, step.unpack)
+            for name in step.released:
                 del values[name]
         outputs = tuple(values[n] for n in self.output_names)
         return outputs[0] if len(outputs) == 1 else outputs
+
+
+@dataclass
+class Step:
+    """One node at run time: its module's name, the values it reads and writes."""
+
+    module: str
+    inputs: list[str]
+    outputs: list[str]
+    unpack: bool = False  # the module returns one value per output (Split)
+    released: list[str] = field(default_factory=list)
+
+
+def is_multi_output(module: nn.Module) -> bool:
+    return bool(getattr(module, "multi_output", False))
+
+
+def store_outputs(values: dict, names: list[str], result, unpack: bool) -> None:
+    if not unpack:
+        values[names[0]] = result
+        return
+    for name, value in zip(names, result):
+        if name:
+            values[name] = value
 
 
 def check_input_dims(name: str, x: torch.Tensor, dims: list[int | None] | None, batch_free: bool) -> None:
@@ -437,7 +459,6 @@ class GraphConverter:
         """Fold the node into a constant, or add it as a step (and trace its output shape)."""
         ctx = NodeContext(node.name or f"{node.op_type}_{index}", node.op_type, list(node.input),
                           list(node.output), attributes(node), self.opset, self.consts, self.ranks)
-        check_outputs(ctx, self.consumed)
         for name in node.input:
             if name and name not in self.consts and name not in self.available:
                 ctx.fail(f"reads {name!r}, which no earlier node produces")
@@ -446,13 +467,19 @@ class GraphConverter:
             self.consts[output] = static
             return
         module = convert_node(ctx)
+        outputs = list(node.output) if is_multi_output(module) else [output]
+        if not is_multi_output(module):
+            check_outputs(ctx, self.consumed)
         runtime = [node.input[p] for p in runtime_positions(module)]
         if all(name in self.consts for name in runtime):  # a constant: evaluate once, keep no module
-            self.consts[output] = fold(ctx, module, [self.consts[name] for name in runtime])
+            store_outputs(self.consts, outputs, fold(ctx, module, [self.consts[n] for n in runtime]),
+                          is_multi_output(module))
             return
         name = module_name(node_label(node), node.op_type, index, self.taken, self.model)
-        self.model.add_step(name, module, runtime, output, ctx.name)
-        self.available.add(output)
+        self.model.add_step(name, module, runtime, outputs, ctx.name)
+        self.available.update(n for n in outputs if n)
+        if is_multi_output(module):
+            return  # shapes are traced through single-output steps only
         if self.tracer is not None and (shape := self.tracer.step(index, module, runtime, output)) is not None:
             self.shapes[output] = shape
             self.ranks[output] = len(shape)

@@ -736,6 +736,25 @@ def convert_transpose(ctx: NodeContext) -> nn.Module:
     return function_node(ctx, transpose, perm=ctx.attr("perm"))
 
 
+def split(x, sizes=None, *, axis: int, count: int):
+    """ONNX Split: ``sizes`` along ``axis``, or ``count`` parts of ⌈n / count⌉ (the last one smaller)."""
+    if sizes is None:
+        n = x.shape[_axis(axis, x.dim())]
+        return tuple(torch.split(x, -(-n // count), dim=axis))
+    return tuple(torch.split(x, as_ints(sizes), dim=axis))
+
+
+def convert_split(ctx: NodeContext) -> nn.Module:
+    """One value per output; split sizes from input 1 (opset ≥ 13), the ``split`` attribute, or equal parts."""
+    options = dict(axis=int(ctx.attr("axis", 0)), count=int(ctx.attr("num_outputs", len(ctx.outputs))))
+    if ctx.opset < 13 and ctx.attr("split") is not None:
+        module = function_node(ctx, split, sizes=as_ints(ctx.attr("split")), **options)
+    else:
+        module = function_node(ctx, split, ints=(1,), **options)
+    module.multi_output = True
+    return module
+
+
 def elementwise(fn: Callable) -> Callable[[NodeContext], nn.Module]:
     """Converter for a broadcasting operator; before opset 7, ``broadcast=1, axis=k`` aligns B with A's dim k."""
     def convert(ctx: NodeContext) -> nn.Module:
@@ -811,6 +830,7 @@ CONVERTERS: dict[str, Callable[[NodeContext], nn.Module]] = {
     "Reshape": convert_reshape,
     "Squeeze": convert_squeeze,
     "Unsqueeze": convert_unsqueeze,
+    "Split": convert_split,
     "Concat": lambda ctx: function_node(ctx, concat, axis=int(ctx.attr("axis", 1 if ctx.opset < 4 else None))),
     "Transpose": convert_transpose,
     "Pad": convert_pad,
