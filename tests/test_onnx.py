@@ -467,7 +467,7 @@ def test_layers_are_torch_modules(tmp_path, case, module_type):
 
 
 def test_lrn_even_window_by_the_formula(tmp_path):
-    """onnxruntime refuses an even LRN size; the spec's window: ⌊(size−1)/2⌋ channels before, ⌈(size−1)/2⌉ after."""
+    """onnxruntime refuses an even LRN size; the spec sums ⌊(size−1)/2⌋ channels before, ⌈(size−1)/2⌉ after."""
     path = str(tmp_path / "lrn.onnx")
     node = helper.make_node("LRN", ["x"], ["y"], size=4, alpha=1e-2, beta=0.5, bias=1.5)
     onnx.save(graph_model([node], {"x": (2, 5, 3, 4)}), path)
