@@ -293,15 +293,16 @@ def convert_conv_transpose(ctx: NodeContext) -> nn.Module:
 
 
 def load_parameters(module: nn.Module, **values: torch.Tensor | None) -> None:
-    """Copy constants into a fresh module's parameters/buffers of the same names (dtype follows the ONNX file)."""
+    """Put constants in a fresh module's parameters/buffers of the same names (dtype follows the ONNX file).
+
+    The loader's tensors are its own copies of the file's, so they are used without another copy
+    (a large network is not held three times while it loads)."""
     for name, value in values.items():
         if value is None:
             continue
         current = getattr(module, name)
-        if isinstance(current, nn.Parameter):
-            setattr(module, name, nn.Parameter(value.detach().clone().reshape(current.shape)))
-        else:
-            setattr(module, name, value.detach().clone().reshape(current.shape))
+        tensor = value.detach().reshape(current.shape).contiguous()
+        setattr(module, name, nn.Parameter(tensor) if isinstance(current, nn.Parameter) else tensor)
 
 
 class AnyRankBatchNorm(_BatchNorm):
