@@ -214,3 +214,18 @@ def test_report_bad_data_folder(tmp_path, user_files):
     proc = run_cli("report", "--model", user_files["factory"], "--data", tmp_path / "flat", "--out", tmp_path / "o")
     assert_clean_error(proc, "one sub-folder per class")
     assert not (tmp_path / "o").exists()
+
+
+def test_onnx_model_through_load_model(trained_run, tmp_path):
+    """The lab network exported to ONNX: same predictions, statistics layers at the three conv blocks."""
+    pytest.importorskip("onnx")
+    native = load_model(str(trained_run))
+    path = tmp_path / "lab.onnx"
+    torch.onnx.export(native.model, torch.zeros(1, 1, 28, 28), str(path), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "n"}})
+    loaded = load_model(str(path), profile={"input_size": 28, "channel_order": "L", "resize": "stretch"})
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), native.model(x), atol=1e-5, rtol=1e-5)
+    assert [name.split("_")[0] for name in loaded.profile.stats_layers] == ["l1", "l2", "l3"]
+    assert loaded.class_names == [str(i) for i in range(10)]

@@ -186,6 +186,15 @@ SKIPPED_FOR_STATS = (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.A
                      nn.AdaptiveMaxPool2d, nn.Dropout, nn.Dropout2d, nn.Identity)
 
 
+def onnx_helper_types() -> tuple[type, ...]:
+    """Element-wise helper nodes of converted ONNX graphs (normalization, padding): not feature layers."""
+    try:
+        from .onnx_ops import OnnxFunction
+    except ImportError:
+        return ()
+    return (OnnxFunction,)
+
+
 def block_paths(model: nn.Module) -> set[str]:
     """The model's blocks: its children, with long containers (trunks of more than 4 modules) expanded."""
     paths = set()
@@ -202,10 +211,11 @@ def default_stats_layers(model: nn.Module, example: torch.Tensor, count: int = 3
     pooling and dropout are skipped when other blocks exist), in execution order."""
     from ..hooks import spatial_layers
 
+    skipped = SKIPPED_FOR_STATS + onnx_helper_types()
     blocks = block_paths(model)
     layers = list(dict.fromkeys(p for p, _, _ in spatial_layers(model, example) if p in blocks))
     kinds = dict(model.named_modules())
-    pool = [p for p in layers if not isinstance(kinds[p], SKIPPED_FOR_STATS)] or layers
+    pool = [p for p in layers if not isinstance(kinds[p], skipped)] or layers
     if not pool:
         raise ConvlensError("the model has no layer with a spatial (N, C, H, W) output")
     if len(pool) <= count:
