@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import ConvlensError
-from .base import Attribution, Method, normalize_maps, upsample  # noqa: F401
+from .base import Attribution, Method, Target, normalize_maps, upsample  # noqa: F401
 from .cam import CAM, GradCAM, GradCAMPlusPlus, KerasVisGradCAM, LayerCAM, ScoreCAM, XGradCAM
 from .gradient import (Deconvnet, GuidedBackprop, GuidedGradCAM, InputXGradient, IntegratedGradients,
                        Saliency, SmoothGrad)

@@ -1,8 +1,29 @@
-"""What every attribution method shares: targets, output selection, result maps, normalization."""
+"""What every attribution method shares: targets, output selection, result maps, normalization.
+
+Call shape of every method::
+
+    res = GradCAM(model, layer=None).attribute(x, target)   # x: float (N, C, H, W)
+    res.maps, res.normalized, res.targets                    # (N, H, W), (N, H, W) in [0, 1], (N,)
+
+**Targets.** ``target`` may be ``None`` (the predicted class), an ``int`` (one class for the whole
+batch), a sequence or integer tensor of N classes, a callable ``scores (N, K) → (N,)`` (any
+differentiable score, e.g. ``lambda s: s[:, 3] - s[:, 5]``), or a :class:`Target`. Floats, strings
+and booleans are refused with a :class:`ConvlensError`. Every method resolves it exactly once into a
+:class:`Target` with ``Target.resolve(target, scores)``; a wrapper (SmoothGrad, integrated gradients,
+guided Grad-CAM) resolves on the clean input and hands the :class:`Target` on (``target.repeat(k)``
+for k stacked copies of the batch), so ``None`` means the prediction on the clean image everywhere.
+A method that needs class indices sets ``needs_class_target = True``.
+
+**Per-method knowledge** lives on the class (read with :func:`convlens.attribution.method_info`):
+``needs_layer`` (reads a layer: ``--layer`` applies), ``signed`` (``maps`` has meaningful negative
+values), ``gradient_image`` (``raw`` is an input-shaped gradient worth showing as an image),
+``fast_options`` (options the CLI uses for a quick run).
+"""
 from __future__ import annotations
 
+import numbers
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, Union
 
 import torch
@@ -11,8 +32,84 @@ from torch import nn
 
 from ..errors import ConvlensError
 
-Target = Union[None, int, Sequence[int], torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+ScoreFn = Callable[[torch.Tensor], torch.Tensor]
+TargetLike = Union[None, int, Sequence[int], torch.Tensor, ScoreFn, "Target"]
 OutputSelector = Union[None, int, str, Callable[[Any], torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the maps of a batch of ``size`` inputs explain: class indices or a score function.
+
+    ``classes`` (N,) long: the explained score is ``scores[i, classes[i]]``; ``fn``: it is ``fn(scores)``.
+    Exactly one of the two is set. Build with :meth:`resolve`.
+    """
+
+    classes: torch.Tensor | None
+    fn: ScoreFn | None
+    size: int
+
+    @property
+    def is_class(self) -> bool:
+        return self.classes is not None
+
+    @staticmethod
+    def resolve(target: TargetLike, scores: torch.Tensor) -> "Target":
+        """The :class:`Target` for a batch with model scores ``scores`` (N, K) (see the module doc)."""
+        n, classes = scores.shape[0], scores.shape[1]
+        if isinstance(target, Target):
+            if target.size != n:
+                raise ConvlensError(f"target resolved for {target.size} inputs used on {n}")
+            return target
+        if callable(target) and not isinstance(target, torch.Tensor):
+            return Target(None, target, n)
+        if target is None:
+            t = scores.detach().argmax(1)
+        else:
+            t = class_indices(target).to(scores.device)
+            if t.numel() == 1:
+                t = t.expand(n)
+            if t.numel() != n:
+                raise ConvlensError(f"{t.numel()} targets for {n} inputs")
+        if bool(((t < 0) | (t >= classes)).any()):
+            raise ConvlensError(f"target class out of range 0..{classes - 1}: {t.tolist()}")
+        return Target(t, None, n)
+
+    def explained(self, scores: torch.Tensor) -> torch.Tensor:
+        """The score each map explains, (N,)."""
+        if self.fn is None:
+            return scores.gather(1, self.classes.to(scores.device)[:, None]).squeeze(1)
+        out = self.fn(scores)
+        if not isinstance(out, torch.Tensor) or out.numel() != scores.shape[0]:
+            raise ConvlensError(f"a target function must return one score per input ({scores.shape[0]}), "
+                                f"got shape {tuple(getattr(out, 'shape', ()))}")
+        return out.reshape(scores.shape[0])
+
+    def repeat(self, k: int) -> "Target":
+        """The same target for ``k`` copies of the batch stacked along the batch axis."""
+        return Target(None if self.classes is None else self.classes.repeat(k), self.fn, self.size * k)
+
+    def labels(self) -> torch.Tensor:
+        """Class indices on the CPU (N,), -1 where a score function was explained."""
+        if self.classes is None:
+            return torch.full((self.size,), -1, dtype=torch.long)
+        return self.classes.detach().cpu()
+
+
+def class_indices(target) -> torch.Tensor:
+    """An int, a sequence of ints or an integer tensor → a flat long tensor; anything else is refused."""
+    if isinstance(target, (bool, float, str, bytes)) or (
+            isinstance(target, numbers.Number) and not isinstance(target, numbers.Integral)):
+        raise ConvlensError(f"target must be a class index, a sequence of indices or a score function, "
+                            f"not {type(target).__name__} {target!r}")
+    try:
+        t = torch.as_tensor(target)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConvlensError(f"target must be class indices, got {type(target).__name__}: {exc}") from None
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise ConvlensError(f"target class indices must be integers, got {t.dtype} "
+                            "(a float target would be truncated)")
+    return t.long().flatten()
 
 
 @dataclass
@@ -21,14 +118,21 @@ class Attribution:
 
     ``raw``: the method's own output (layer resolution (N, h, w) for CAM methods, input
     shape (N, C, H, W) for gradient methods); ``maps``: (N, H, W) at input resolution;
-    ``targets``: the class (or -1 for a callable target) each map explains.
+    ``target``: what the maps explain; ``extras``: method-specific diagnostics (e.g. the
+    completeness gap of integrated gradients).
     """
 
     method: str
     raw: torch.Tensor
     maps: torch.Tensor
-    targets: torch.Tensor
+    target: Target
     layer: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """Class index per map (CPU, (N,)); -1 where a score function was explained."""
+        return self.target.labels()
 
     @property
     def normalized(self) -> torch.Tensor:
@@ -61,33 +165,6 @@ def select_output(output: Any, selector: OutputSelector) -> torch.Tensor:
     if callable(selector):
         return selector(output)
     return output[selector]
-
-
-def resolve_targets(scores: torch.Tensor, target: Target) -> torch.Tensor:
-    """Per-sample class indices (N,) from None (predicted), an int, a sequence or a tensor."""
-    n, classes = scores.shape[0], scores.shape[1]
-    if target is None:
-        t = scores.detach().argmax(1)
-    elif isinstance(target, int):
-        t = torch.full((n,), target, dtype=torch.long, device=scores.device)
-    else:
-        t = torch.as_tensor(target, dtype=torch.long, device=scores.device).flatten()
-        if t.numel() == 1:
-            t = t.expand(n)
-        if t.numel() != n:
-            raise ConvlensError(f"{t.numel()} targets for {n} inputs")
-    if bool(((t < 0) | (t >= classes)).any()):
-        raise ConvlensError(f"target class out of range 0..{classes - 1}: {t.tolist()}")
-    return t
-
-
-def target_scores(scores: torch.Tensor, target: Target) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-sample score to explain (N,), target indices (N,)); a callable target gives scores itself."""
-    if callable(target) and not isinstance(target, torch.Tensor):
-        s = target(scores)
-        return s.reshape(scores.shape[0]), torch.full((scores.shape[0],), -1, dtype=torch.long)
-    t = resolve_targets(scores, target)
-    return scores.gather(1, t[:, None]).squeeze(1), t
 
 
 def upsample(maps: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
@@ -123,9 +200,11 @@ class Method:
     """Base of every method: ``Method(model, layer=None, **options).attribute(inputs, target=None)``."""
 
     name = "method"
-    needs_layer = False  # True for methods that read a layer (see uses_layer)
+    needs_layer = False         # reads a layer: --layer applies (CAM family, guided Grad-CAM)
+    needs_class_target = False  # refuses a score-function target (CAM, Score-CAM)
     signed = False              # maps carry meaningful negative values
     gradient_image = False      # raw is an input-shaped gradient worth showing as an image
+    fast_options: dict[str, Any] = {}  # options for a quick run (CLI explain / evaluate)
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None,
                  output_selector: OutputSelector = None, interpolation: str = "bilinear"):
@@ -137,8 +216,14 @@ class Method:
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         return select_output(self.model(x), self.output_selector)
 
-    def attribute(self, inputs: torch.Tensor, target: Target = None) -> Attribution:  # pragma: no cover
+    def resolve_target(self, target: TargetLike, scores: torch.Tensor) -> Target:
+        resolved = Target.resolve(target, scores)
+        if self.needs_class_target and not resolved.is_class:
+            raise ConvlensError(f"{self.name} needs class targets, not a score function")
+        return resolved
+
+    def attribute(self, inputs: torch.Tensor, target: TargetLike = None) -> Attribution:  # pragma: no cover
         raise NotImplementedError
 
-    def __call__(self, inputs: torch.Tensor, target: Target = None) -> Attribution:
+    def __call__(self, inputs: torch.Tensor, target: TargetLike = None) -> Attribution:
         return self.attribute(inputs, target)

@@ -7,6 +7,7 @@ Grad-CAM costs one forward and a partial backward, with parameters frozen.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,24 @@ from torch import nn
 from ..errors import ConvlensError
 from ..hooks import auto_layer, capture, frozen, relu_rule, resolve_layer
 from ..runtime import channels_last_weights
-from .base import Attribution, Method, check_input, target_scores, upsample
+from .base import Attribution, Method, Target, check_input, upsample
+
+
+@dataclass
+class LayerPass:
+    """One forward (and partial backward) with the layer captured: what ``weights(p)`` reads.
+
+    ``acts`` A (N, K, h, w); ``grads`` ∂y/∂A (None for gradient-free methods); ``explained`` y (N,);
+    ``target`` the resolved target; ``x`` the input; ``layer`` its path; ``scores`` the model scores.
+    """
+
+    acts: torch.Tensor
+    grads: torch.Tensor | None
+    explained: torch.Tensor
+    target: Target
+    x: torch.Tensor
+    layer: str
+    scores: torch.Tensor
 
 
 class CamMethod(Method):
@@ -36,33 +54,35 @@ class CamMethod(Method):
             cache[key] = auto_layer(self.model, x, kerasvis=self.kerasvis_layer)
         return cache[key]
 
-    def layer_pass(self, x: torch.Tensor, target, layer: str):
-        """Activations, their gradients (or None), the explained scores and the targets."""
+    def layer_pass(self, x: torch.Tensor, target, layer: str) -> LayerPass:
+        """Activations, their gradients (or None), the explained scores and the resolved target."""
         rule = relu_rule(self.relu_rule) if self.relu_rule else contextlib.nullcontext()
         with frozen(self.model), channels_last_weights(self.model), capture(self.model, [layer], cut=True) as kept, \
                 rule:
             with torch.set_grad_enabled(self.needs_grad):
                 scores = self.scores(x.contiguous(memory_format=torch.channels_last))
-                explained, targets = target_scores(scores, target)
+                resolved = self.resolve_target(target, scores)
+                explained = resolved.explained(scores)
             acts = kept[layer]
             if acts.dim() != 4:
                 raise ConvlensError(f"layer {layer!r} has output shape {tuple(acts.shape)}: "
                                     "CAM methods need a spatial (N, C, H, W) layer")
             grads = torch.autograd.grad(explained.sum(), acts)[0] if self.needs_grad else None
-        return acts.detach(), grads, explained.detach(), targets, scores.detach()
+        return LayerPass(acts.detach(), grads, explained.detach(), resolved, x, layer, scores.detach())
 
-    def weights(self, acts, grads, explained, targets, x, layer) -> torch.Tensor:  # pragma: no cover
+    def weights(self, p: LayerPass) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def combine(self, acts, grads, weights) -> torch.Tensor:
-        return F.relu((weights[:, :, None, None] * acts).sum(1))
+    def combine(self, p: LayerPass, weights: torch.Tensor) -> torch.Tensor:
+        return F.relu((weights[:, :, None, None] * p.acts).sum(1))
+
+    def result(self, p: LayerPass, raw: torch.Tensor) -> Attribution:
+        return Attribution(self.name, raw, upsample(raw, p.x.shape[-2:], self.interpolation), p.target, p.layer)
 
     def attribute(self, inputs: torch.Tensor, target=None) -> Attribution:
         x = check_input(self.model, inputs)
-        layer = self.layer_name(x)
-        acts, grads, explained, targets, _ = self.layer_pass(x, target, layer)
-        raw = self.combine(acts, grads, self.weights(acts, grads, explained, targets, x, layer))
-        return Attribution(self.name, raw, upsample(raw, x.shape[-2:], self.interpolation), targets.cpu(), layer)
+        p = self.layer_pass(x, target, self.layer_name(x))
+        return self.result(p, self.combine(p, self.weights(p)))
 
 
 class GradCAM(CamMethod):
@@ -70,8 +90,8 @@ class GradCAM(CamMethod):
 
     name = "gradcam"
 
-    def weights(self, acts, grads, *_):
-        return grads.mean((2, 3))
+    def weights(self, p):
+        return p.grads.mean((2, 3))
 
 
 class GradCAMPlusPlus(CamMethod):
@@ -84,9 +104,10 @@ class GradCAMPlusPlus(CamMethod):
 
     name = "gradcam++"
 
-    def weights(self, acts, grads, *_):
+    def weights(self, p):
+        grads = p.grads
         g2, g3 = grads.pow(2), grads.pow(3)
-        denom = 2 * g2 + acts.sum((2, 3), keepdim=True) * g3
+        denom = 2 * g2 + p.acts.sum((2, 3), keepdim=True) * g3
         alpha = torch.where(grads != 0, g2 / torch.where(denom != 0, denom, torch.ones_like(denom)),
                             torch.zeros_like(g2))
         return (alpha * F.relu(grads)).sum((2, 3))
@@ -97,10 +118,10 @@ class XGradCAM(CamMethod):
 
     name = "xgradcam"
 
-    def weights(self, acts, grads, *_):
-        total = acts.sum((2, 3), keepdim=True)
-        share = acts / torch.where(total != 0, total, torch.ones_like(total))
-        return (share * grads).sum((2, 3))
+    def weights(self, p):
+        total = p.acts.sum((2, 3), keepdim=True)
+        share = p.acts / torch.where(total != 0, total, torch.ones_like(total))
+        return (share * p.grads).sum((2, 3))
 
 
 class LayerCAM(CamMethod):
@@ -108,11 +129,11 @@ class LayerCAM(CamMethod):
 
     name = "layercam"
 
-    def weights(self, acts, grads, *_):
-        return F.relu(grads)
+    def weights(self, p):
+        return F.relu(p.grads)
 
-    def combine(self, acts, grads, weights):
-        return F.relu((weights * acts).sum(1))
+    def combine(self, p, weights):
+        return F.relu((weights * p.acts).sum(1))
 
 
 class KerasVisGradCAM(CamMethod):
@@ -129,9 +150,9 @@ class KerasVisGradCAM(CamMethod):
     def __init__(self, model, layer=None, output_selector=None, interpolation="bicubic"):
         super().__init__(model, layer, output_selector, interpolation)
 
-    def weights(self, acts, grads, *_):
-        peak = grads.flatten(1).max(1).values
-        return (grads / (peak + 1e-7)[:, None, None, None]).mean((2, 3))
+    def weights(self, p):
+        peak = p.grads.flatten(1).max(1).values
+        return (p.grads / (peak + 1e-7)[:, None, None, None]).mean((2, 3))
 
 
 class CAM(CamMethod):
@@ -143,6 +164,7 @@ class CAM(CamMethod):
 
     name = "cam"
     needs_grad = False
+    needs_class_target = True
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", fc: nn.Linear | None = None):
         super().__init__(model, layer, output_selector, interpolation)
@@ -159,16 +181,11 @@ class CAM(CamMethod):
         raise ConvlensError("CAM needs a global-average-pooling → linear head after the chosen layer; "
                             "this model has none (use gradcam)")
 
-    def attribute(self, inputs, target=None):
-        x = check_input(self.model, inputs)
-        layer = self.layer_name(x)
-        acts, _, _, targets, scores = self.layer_pass(x, target, layer)
-        fc = self.find_head(acts, scores)
-        if bool((targets < 0).any()):
-            raise ConvlensError("CAM needs class targets, not a callable")
-        w = fc.weight.detach()[targets]
-        raw = (w[:, :, None, None] * acts).sum(1)
-        return Attribution(self.name, raw, upsample(raw, x.shape[-2:], self.interpolation), targets.cpu(), layer)
+    def weights(self, p):
+        return self.find_head(p.acts, p.scores).weight.detach()[p.target.classes]
+
+    def combine(self, p, weights):
+        return (weights[:, :, None, None] * p.acts).sum(1)
 
 
 class ScoreCAM(CamMethod):
@@ -181,6 +198,7 @@ class ScoreCAM(CamMethod):
 
     name = "scorecam"
     needs_grad = False
+    needs_class_target = True
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", batch_size: int = 8):
         super().__init__(model, layer, output_selector, interpolation)
@@ -188,12 +206,12 @@ class ScoreCAM(CamMethod):
             raise ConvlensError("Score-CAM batch size must be positive")
         self.batch_size = batch_size
 
-    def weights(self, acts, grads, explained, targets, x, layer):
-        n, k = acts.shape[:2]
-        alpha = torch.zeros(n, k, dtype=acts.dtype, device=acts.device)
+    def weights(self, p):
+        n, k = p.acts.shape[:2]
+        alpha = torch.zeros(n, k, dtype=p.acts.dtype, device=p.acts.device)
         with torch.inference_mode(), channels_last_weights(self.model):
             for i in range(n):
-                alpha[i] = self.sample_weights(acts[i], x[i], int(targets[i]))
+                alpha[i] = self.sample_weights(p.acts[i], p.x[i], int(p.target.classes[i]))
         return alpha
 
     def sample_weights(self, act: torch.Tensor, image: torch.Tensor, target: int) -> torch.Tensor:
@@ -212,8 +230,3 @@ class ScoreCAM(CamMethod):
             probs = F.softmax(self.scores(masked), dim=1)
             alpha[idx] = probs[:, target]
         return alpha
-
-    def attribute(self, inputs, target=None):
-        if callable(target) and not isinstance(target, torch.Tensor):
-            raise ConvlensError("Score-CAM needs class targets, not a callable")
-        return super().attribute(inputs, target)

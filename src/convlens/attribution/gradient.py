@@ -8,7 +8,7 @@ import torch
 from ..errors import ConvlensError
 from ..hooks import frozen, relu_rule
 from ..runtime import channels_last_weights
-from .base import Attribution, Method, check_input, target_scores
+from .base import Attribution, Method, Target, check_input
 from .cam import GradCAM
 
 
@@ -35,23 +35,25 @@ class GradientMethod(Method):
         if reduction is not None:
             self.reduction = reduction
 
-    def input_gradients(self, x: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(∂score/∂x, explained scores, targets) with parameters frozen."""
+    def input_gradients(self, x: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor, Target]:
+        """(∂score/∂x, explained scores, resolved target) with parameters frozen."""
         rule = relu_rule(self.rule) if self.rule else contextlib.nullcontext()
         x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
         with frozen(self.model), channels_last_weights(self.model), rule, torch.enable_grad():
-            explained, targets = target_scores(self.scores(x), target)
+            scores = self.scores(x)
+            resolved = self.resolve_target(target, scores)
+            explained = resolved.explained(scores)
             grad = torch.autograd.grad(explained.sum(), x)[0]
-        return grad.contiguous(), explained.detach(), targets
+        return grad.contiguous(), explained.detach(), resolved
 
-    def raw_map(self, x: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor]:
-        grad, _, targets = self.input_gradients(x, target)
-        return grad, targets
+    def raw_map(self, x: torch.Tensor, target) -> tuple[torch.Tensor, Target]:
+        grad, _, resolved = self.input_gradients(x, target)
+        return grad, resolved
 
     def attribute(self, inputs, target=None) -> Attribution:
         x = check_input(self.model, inputs)
-        raw, targets = self.raw_map(x, target)
-        return Attribution(self.name, raw, reduce_channels(raw, self.reduction), targets.cpu())
+        raw, resolved = self.raw_map(x, target)
+        return Attribution(self.name, raw, reduce_channels(raw, self.reduction), resolved)
 
 
 class Saliency(GradientMethod):
@@ -84,8 +86,8 @@ class InputXGradient(GradientMethod):
     signed = True
 
     def raw_map(self, x, target):
-        grad, _, targets = self.input_gradients(x, target)
-        return x * grad, targets
+        grad, _, resolved = self.input_gradients(x, target)
+        return x * grad, resolved
 
 
 class GuidedGradCAM(GradientMethod):
@@ -99,11 +101,10 @@ class GuidedGradCAM(GradientMethod):
     def attribute(self, inputs, target=None) -> Attribution:
         x = check_input(self.model, inputs)
         cam = GradCAM(self.model, self.layer, self.output_selector, self.interpolation).attribute(x, target)
-        guided_target = cam.targets.to(x.device) if bool((cam.targets >= 0).all()) else target
-        guided, _, targets = GuidedBackprop(self.model, output_selector=self.output_selector).input_gradients(
-            x, guided_target)
+        guided, _, _ = GuidedBackprop(self.model, output_selector=self.output_selector).input_gradients(
+            x, cam.target)
         raw = guided * cam.maps[:, None]
-        return Attribution(self.name, raw, reduce_channels(raw, self.reduction), targets.cpu(), cam.layer)
+        return Attribution(self.name, raw, reduce_channels(raw, self.reduction), cam.target, cam.layer)
 
 
 class IntegratedGradients(GradientMethod):
@@ -139,18 +140,16 @@ class IntegratedGradients(GradientMethod):
     def raw_map(self, x, target):
         x0 = self.make_baseline(x)
         with torch.no_grad():
-            _, targets = target_scores(self.scores(x), target)
-        path_target = targets if bool((targets >= 0).all()) else target
+            resolved = self.resolve_target(target, self.scores(x))
         alphas = (torch.arange(self.steps, dtype=x.dtype, device=x.device) + 0.5) / self.steps
         total = torch.zeros_like(x)
         per_chunk = max(1, self.batch_size // len(x))
         for start in range(0, self.steps, per_chunk):
             a = alphas[start:start + per_chunk]
             points = (x0[None] + a[:, None, None, None, None] * (x - x0)[None]).flatten(0, 1)
-            t = path_target.repeat(len(a)) if isinstance(path_target, torch.Tensor) else path_target
-            grad, _, _ = self.input_gradients(points, t)
+            grad, _, _ = self.input_gradients(points, resolved.repeat(len(a)))
             total += grad.view(len(a), *x.shape).sum(0)
-        return (x - x0) * total / self.steps, targets
+        return (x - x0) * total / self.steps, resolved
 
 
 class SmoothGrad(Method):
@@ -168,7 +167,7 @@ class SmoothGrad(Method):
     def attribute(self, inputs, target=None) -> Attribution:
         x = check_input(self.model, inputs)
         with torch.no_grad():
-            _, targets = target_scores(self.scores(x), target)
+            resolved = self.method.resolve_target(target, self.scores(x))
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         span = (x.flatten(1).max(1).values - x.flatten(1).min(1).values).view(-1, 1, 1, 1)
         raw_sum, maps_sum = None, None
@@ -177,10 +176,10 @@ class SmoothGrad(Method):
             k = min(per_chunk, self.samples - start)
             noise = torch.randn((k, *x.shape), generator=gen).to(x) * (self.sigma * span)[None]
             noisy = (x[None] + noise).flatten(0, 1)
-            res = self.method.attribute(noisy, targets.repeat(k).to(x.device))
+            res = self.method.attribute(noisy, resolved.repeat(k))
             raw = res.raw.view(k, len(x), *res.raw.shape[1:]).sum(0)
             maps = res.maps.view(k, len(x), *res.maps.shape[1:]).sum(0)
             raw_sum = raw if raw_sum is None else raw_sum + raw
             maps_sum = maps if maps_sum is None else maps_sum + maps
-        return Attribution(self.name, raw_sum / self.samples, maps_sum / self.samples, targets.cpu(),
+        return Attribution(self.name, raw_sum / self.samples, maps_sum / self.samples, resolved,
                            getattr(self.method, "layer", None) if isinstance(self.method.layer, str) else None)
