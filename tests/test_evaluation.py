@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -15,6 +16,28 @@ def test_auc_of_known_curves():
     assert float(auc(torch.tensor([1.0, 1.0, 1.0]))) == pytest.approx(1.0)
     assert float(auc(torch.linspace(1, 0, 11))) == pytest.approx(0.5)
     assert float(auc(torch.tensor([0.0, 1.0, 0.0]))) == pytest.approx(0.5)
+
+
+class MeanLogit(nn.Module):
+    """Two classes, logits (0, k·mean(x)): the target probability is a smooth function of the fraction kept."""
+
+    def forward(self, x):
+        return torch.stack([torch.zeros(len(x)), 6.0 * x.mean((1, 2, 3))], 1)
+
+
+def test_auc_integrates_over_the_actual_fractions():
+    """28×28 with 10 steps: round(t·784/10) pixels are not evenly spaced fractions."""
+    x, maps = torch.ones(1, 1, 28, 28), torch.rand(1, 28, 28, generator=torch.Generator().manual_seed(0))
+    curves = deletion_insertion(MeanLogit(), x, maps, torch.tensor([1]), steps=10, deletion_baseline="zero")
+    counts = [round(t * 784 / 10) for t in range(11)]  # Python rounds half to even, as torch.round does
+    fractions = [c / 784 for c in counts]
+    probs = [1 / (1 + math.exp(-6.0 * (1 - f))) for f in fractions]
+    by_hand = sum((fractions[i + 1] - fractions[i]) * (probs[i] + probs[i + 1]) / 2 for i in range(10))
+    evenly = sum((probs[i] + probs[i + 1]) / 2 for i in range(10)) / 10
+    assert abs(by_hand - evenly) > 1e-5  # the case distinguishes the two
+    assert curves.fractions.tolist() == pytest.approx(fractions, abs=1e-7)
+    assert float(curves.deletion_auc[0]) == pytest.approx(by_hand, abs=1e-6)
+    assert float(auc(torch.tensor(probs), torch.tensor(fractions))) == pytest.approx(by_hand, abs=1e-6)
 
 
 class OnePixel(nn.Module):

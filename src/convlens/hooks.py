@@ -7,10 +7,15 @@
   With ``cut=True`` the kept tensor is a fresh leaf: backpropagation stops at the layer.
 * :func:`frozen` — parameters stop requiring grad for the duration (no parameter
   gradients, no graph upstream of the input), restored exactly afterwards.
+* :func:`evaluating` — every module in eval mode for the duration (no dropout, BatchNorm
+  uses and keeps its running statistics); each module's own flag restored afterwards.
 * :func:`relu_rule` — guided-backprop / deconvnet backward rules for every ReLU-family
   call (``nn.ReLU``, ``nn.ReLU6``, in place or not, ``F.relu``, ``torch.relu``,
-  ``Tensor.relu``, ``F.hardtanh(·, 0, t)``), intercepted with a TorchFunctionMode so
-  functional ReLUs are covered too and the model's modules are never modified.
+  ``Tensor.relu``, ``x.relu_()``, ``torch.relu_``, ``F.hardtanh(·, 0, t)``,
+  ``clamp(min=0)`` / ``clamp(0, t)``), intercepted with a TorchFunctionMode so functional
+  ReLUs are covered too and the model's modules are never modified. The forward is the
+  plain one bit for bit; in-place calls modify their input in place as they would without
+  the rule.
 """
 from __future__ import annotations
 
@@ -103,14 +108,16 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
 
 @contextlib.contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """Every module in eval mode inside the block; each module's own training flag restored afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
+    """Every module in eval mode inside the block; each module's own ``training`` flag restored
+    afterwards (also after an exception), so a model in train mode is neither changed nor left changed."""
+    modules = list(model.modules())
+    flags = [m.training for m in modules]
     try:
         model.eval()
         yield model
     finally:
-        for m, flag in flags:
-            m.training = flag
+        for module, flag in zip(modules, flags):
+            module.training = flag
 
 
 @contextlib.contextmanager
@@ -154,38 +161,64 @@ def auto_layer(model: nn.Module, example: torch.Tensor, kerasvis: bool = False) 
 
 # ----------------------------------------------------------------- ReLU rules
 class _RuleReLU(torch.autograd.Function):
-    """y = clamp(x, 0, upper); backward by the guided or deconvnet rule."""
+    """y = clamp(x, 0, upper) (in place when asked); backward by the guided or deconvnet rule.
+
+    The backward needs only where 0 < x (< upper), which equals 0 < y (< upper): the output is
+    saved, so an in-place call can overwrite its input as the plain forward does.
+    """
 
     @staticmethod
-    def forward(ctx, x, upper, rule):
-        ctx.save_for_backward(x)
+    def forward(ctx, x, upper, rule, inplace):
+        if inplace:
+            out = x.clamp_(0, upper) if upper is not None else x.clamp_min_(0)
+            ctx.mark_dirty(x)
+        else:
+            out = x.clamp(0, upper) if upper is not None else x.clamp_min(0)
+        ctx.save_for_backward(out)
         ctx.upper, ctx.rule = upper, rule
-        return x.clamp(0, upper) if upper is not None else x.clamp_min(0)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
+        (out,) = ctx.saved_tensors
         positive = grad_out.clamp(min=0)
         if ctx.rule == "deconvnet":
-            return positive, None, None
+            return positive, None, None, None
         # the unit's own local gradient, fused by the native kernels: (0 < x [< upper])
         if ctx.upper is None:
-            return torch.ops.aten.threshold_backward(positive, x, 0), None, None
-        return torch.ops.aten.hardtanh_backward(positive, x, 0, ctx.upper), None, None
+            return torch.ops.aten.threshold_backward(positive, out, 0), None, None, None
+        return torch.ops.aten.hardtanh_backward(positive, out, 0, ctx.upper), None, None, None
 
 
-_RELU_FUNCS = {F.relu, torch.relu, torch.Tensor.relu, F.relu_, torch.relu_, torch.Tensor.relu_}
+_RELU = {F.relu, torch.relu, torch.Tensor.relu}
+_RELU_INPLACE = {F.relu_, torch.relu_, torch.Tensor.relu_}
+_CLAMP = {torch.clamp, torch.clip, torch.Tensor.clamp, torch.Tensor.clip, torch.clamp_min, torch.Tensor.clamp_min}
+_CLAMP_INPLACE = {torch.clamp_, torch.clip_, torch.Tensor.clamp_, torch.Tensor.clip_, torch.clamp_min_,
+                  torch.Tensor.clamp_min_}
 
 
-def _relu6_upper(func, args, kwargs) -> float | None | bool:
-    """Upper bound of a ReLU-family hardtanh call, or False when it is not one."""
+def _arg(args, kwargs, index: int, name: str, default):
+    return kwargs[name] if name in kwargs else (args[index] if len(args) > index else default)
+
+
+def _is_zero(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+
+
+def relu_call(func, args, kwargs) -> tuple[float | None, bool] | None:
+    """(upper bound or None, in place) when ``func(*args, **kwargs)`` is a ReLU-family call, else None."""
+    if func in _RELU or func in _RELU_INPLACE:
+        return None, func in _RELU_INPLACE or bool(_arg(args, kwargs, 1, "inplace", False))
     if func is F.relu6:
-        return 6.0
+        return 6.0, bool(_arg(args, kwargs, 1, "inplace", False))
     if func is F.hardtanh:
-        lo = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
-        hi = kwargs.get("max_val", args[2] if len(args) > 2 else 1.0)
-        return float(hi) if lo == 0 else False
-    return False
+        lo, hi = _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)
+        return (float(hi), bool(_arg(args, kwargs, 3, "inplace", False))) if _is_zero(lo) and hi > 0 else None
+    if func in _CLAMP or func in _CLAMP_INPLACE:
+        lo, hi = _arg(args, kwargs, 1, "min", None), _arg(args, kwargs, 2, "max", None)
+        if _is_zero(lo) and (hi is None or (isinstance(hi, (int, float)) and hi > 0)):
+            return (None if hi is None else float(hi)), func in _CLAMP_INPLACE
+    return None
 
 
 class _ReluRuleMode(TorchFunctionMode):
@@ -196,14 +229,13 @@ class _ReluRuleMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        upper = None if func in _RELU_FUNCS else _relu6_upper(func, args, kwargs)
-        x = args[0] if args else None
-        if upper is False or not (isinstance(x, torch.Tensor) and x.requires_grad):
+        call = relu_call(func, args, kwargs)
+        x = args[0] if args else kwargs.get("input")
+        if call is None or not (isinstance(x, torch.Tensor) and x.requires_grad and x.is_floating_point()):
             return func(*args, **kwargs)
-        # An in-place call returns a new tensor instead: modules use the returned value,
-        # and autograd keeps the unmodified input for the backward rule.
         self.calls += 1
-        return _RuleReLU.apply(x, upper, self.rule)
+        upper, inplace = call
+        return _RuleReLU.apply(x, upper, self.rule, inplace)
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import ConvlensError
-from .hooks import capture, resolve_layer
+from .hooks import capture, evaluating, resolve_layer
 from .progress import progress as progress_of
 
 
@@ -122,7 +122,7 @@ def layer_shapes(model: nn.Module, layers: Sequence[str], example: torch.Tensor)
     """Output shape (K, H, W) of each layer; a non-spatial layer is a clear error."""
     for name in layers:
         resolve_layer(model, name)
-    with capture(model, layers) as kept, torch.no_grad():
+    with capture(model, layers) as kept, torch.no_grad(), evaluating(model):
         model(example[:1])
     shapes = {}
     for name in layers:
@@ -144,17 +144,17 @@ def collect(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     stats: FilterStats | None = None
     for name in layers:
         resolve_layer(model, name)
-    model.eval()
-    for x, y in progress_of(batches, desc="statistics", enabled=progress, total=total, unit="batch"):
-        if stats is None:
-            stats = FilterStats(layer_shapes(model, layers, x), classes)
-        with capture(model, layers) as kept, torch.no_grad():
-            logits = model(x)
-        y = y.to(logits.device)
-        expected = y if class_index is None else torch.as_tensor(class_index, device=y.device)[y]
-        keep = logits.argmax(1) == expected if correct_only else None
-        outputs = {n: kept[n] if keep is None else kept[n][keep] for n in layers}
-        stats.add(outputs, y if keep is None else y[keep])
+    with evaluating(model):
+        for x, y in progress_of(batches, desc="statistics", enabled=progress, total=total, unit="batch"):
+            if stats is None:
+                stats = FilterStats(layer_shapes(model, layers, x), classes)
+            with capture(model, layers) as kept, torch.no_grad():
+                logits = model(x)
+            y = y.to(logits.device)
+            expected = y if class_index is None else torch.as_tensor(class_index, device=y.device)[y]
+            keep = logits.argmax(1) == expected if correct_only else None
+            outputs = {n: kept[n] if keep is None else kept[n][keep] for n in layers}
+            stats.add(outputs, y if keep is None else y[keep])
     if stats is None:
         raise ConvlensError("no data to collect statistics from")
     return stats

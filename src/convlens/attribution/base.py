@@ -21,16 +21,19 @@ values), ``gradient_image`` (``raw`` is an input-shaped gradient worth showing a
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
+import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConvlensError
+from ..hooks import evaluating
 
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 TargetLike = Union[None, int, Sequence[int], torch.Tensor, ScoreFn, "Target"]
@@ -186,18 +189,53 @@ def expected_channels(model: nn.Module) -> int | None:
     return first.in_channels if first is not None else None
 
 
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    first = next(iter(model.parameters()), None)
+    return first.dtype if first is not None else None
+
+
 def check_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Inputs must be a float (N, C, H, W) batch with the channels the model expects."""
+    """A non-empty, finite (N, C, H, W) batch of the model's float dtype and input channels, detached."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ConvlensError(f"inputs must be a (N, C, H, W) tensor, got shape {tuple(getattr(x, 'shape', ()))}")
+    if x.shape[0] == 0:
+        raise ConvlensError("inputs are an empty batch (N = 0): give at least one image")
     channels = expected_channels(model)
     if channels is not None and x.shape[1] != channels:
         raise ConvlensError(f"the model expects {channels} input channel(s), got {x.shape[1]}")
-    return x.detach().float() if not x.is_floating_point() else x.detach()
+    dtype = model_dtype(model) or torch.float32
+    if x.dtype != dtype:
+        raise ConvlensError(f"inputs are {str(x.dtype).removeprefix('torch.')} but the model's weights are "
+                            f"{str(dtype).removeprefix('torch.')}: convert the inputs (x.to({dtype}))")
+    if not bool(torch.isfinite(x).all()):
+        raise ConvlensError(f"inputs contain {int((~torch.isfinite(x)).sum())} NaN or infinite value(s)")
+    return x.detach()
+
+
+SHAPE_ERRORS = re.compile(r"too small|greater than (the )?actual input size|cannot be multiplied|size mismatch|"
+                          r"Padding size should be less|non-empty|must match the size|Expected size", re.I)
+
+
+@contextlib.contextmanager
+def input_size_errors(x: torch.Tensor) -> Iterator[None]:
+    """A forward that fails on the input's size becomes one ConvlensError naming that size."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not SHAPE_ERRORS.search(str(exc)):
+            raise
+        first = str(exc).strip().splitlines()[0]
+        raise ConvlensError(f"the model cannot run on inputs of size {x.shape[-2]}×{x.shape[-1]} "
+                            f"(shape {tuple(x.shape)}): {first}") from None
 
 
 class Method:
-    """Base of every method: ``Method(model, layer=None, **options).attribute(inputs, target=None)``."""
+    """Base of every method: ``Method(model, layer=None, **options).attribute(inputs, target=None)``.
+
+    Subclasses implement :meth:`compute` (checked inputs, model in eval mode); :meth:`attribute`
+    checks the inputs, puts every module in eval mode and restores each module's flag afterwards.
+    Gradient-based work enables gradients itself, so methods also run inside ``torch.no_grad()``.
+    """
 
     name = "method"
     needs_layer = False         # reads a layer: --layer applies (CAM family, guided Grad-CAM)
@@ -214,7 +252,8 @@ class Method:
         self.interpolation = interpolation
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        return select_output(self.model(x), self.output_selector)
+        with input_size_errors(x):
+            return select_output(self.model(x), self.output_selector)
 
     def resolve_target(self, target: TargetLike, scores: torch.Tensor) -> Target:
         resolved = Target.resolve(target, scores)
@@ -222,7 +261,13 @@ class Method:
             raise ConvlensError(f"{self.name} needs class targets, not a score function")
         return resolved
 
-    def attribute(self, inputs: torch.Tensor, target: TargetLike = None) -> Attribution:  # pragma: no cover
+    def attribute(self, inputs: torch.Tensor, target: TargetLike = None) -> Attribution:
+        """Maps of ``inputs`` (N, C, H, W) for ``target`` (see the module doc)."""
+        x = check_input(self.model, inputs)
+        with torch.inference_mode(False), evaluating(self.model):  # gradients also under a caller's
+            return self.compute(x.clone() if x.is_inference() else x, target)  # no_grad / inference_mode
+
+    def compute(self, x: torch.Tensor, target: TargetLike) -> Attribution:  # pragma: no cover
         raise NotImplementedError
 
     def __call__(self, inputs: torch.Tensor, target: TargetLike = None) -> Attribution:

@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import ConvlensError
 from ..hooks import auto_layer, capture, frozen, relu_rule, resolve_layer
 from ..runtime import channels_last_weights
-from .base import Attribution, Method, Target, check_input, upsample
+from .base import Attribution, Method, Target, upsample
 
 
 @dataclass
@@ -59,15 +59,15 @@ class CamMethod(Method):
         rule = relu_rule(self.relu_rule) if self.relu_rule else contextlib.nullcontext()
         with frozen(self.model), channels_last_weights(self.model), capture(self.model, [layer], cut=True) as kept, \
                 rule:
-            with torch.set_grad_enabled(self.needs_grad):
+            with torch.set_grad_enabled(self.needs_grad):  # also inside a caller's torch.no_grad()
                 scores = self.scores(x.contiguous(memory_format=torch.channels_last))
                 resolved = self.resolve_target(target, scores)
                 explained = resolved.explained(scores)
-            acts = kept[layer]
-            if acts.dim() != 4:
-                raise ConvlensError(f"layer {layer!r} has output shape {tuple(acts.shape)}: "
-                                    "CAM methods need a spatial (N, C, H, W) layer")
-            grads = torch.autograd.grad(explained.sum(), acts)[0] if self.needs_grad else None
+                acts = kept[layer]
+                if acts.dim() != 4:
+                    raise ConvlensError(f"layer {layer!r} has output shape {tuple(acts.shape)}: "
+                                        "CAM methods need a spatial (N, C, H, W) layer")
+                grads = torch.autograd.grad(explained.sum(), acts)[0] if self.needs_grad else None
         return LayerPass(acts.detach(), grads, explained.detach(), resolved, x, layer, scores.detach())
 
     def weights(self, p: LayerPass) -> torch.Tensor:  # pragma: no cover
@@ -79,8 +79,7 @@ class CamMethod(Method):
     def result(self, p: LayerPass, raw: torch.Tensor) -> Attribution:
         return Attribution(self.name, raw, upsample(raw, p.x.shape[-2:], self.interpolation), p.target, p.layer)
 
-    def attribute(self, inputs: torch.Tensor, target=None) -> Attribution:
-        x = check_input(self.model, inputs)
+    def compute(self, x: torch.Tensor, target) -> Attribution:
         p = self.layer_pass(x, target, self.layer_name(x))
         return self.result(p, self.combine(p, self.weights(p)))
 

@@ -5,10 +5,11 @@ import contextlib
 
 import torch
 
+from ..blur import blur
 from ..errors import ConvlensError
 from ..hooks import frozen, relu_rule
 from ..runtime import channels_last_weights
-from .base import Attribution, Method, Target, check_input
+from .base import Attribution, Method, Target
 from .cam import GradCAM
 
 
@@ -50,8 +51,7 @@ class GradientMethod(Method):
         grad, _, resolved = self.input_gradients(x, target)
         return grad, resolved
 
-    def attribute(self, inputs, target=None) -> Attribution:
-        x = check_input(self.model, inputs)
+    def compute(self, x, target) -> Attribution:
         raw, resolved = self.raw_map(x, target)
         return Attribution(self.name, raw, reduce_channels(raw, self.reduction), resolved)
 
@@ -98,8 +98,7 @@ class GuidedGradCAM(GradientMethod):
     needs_layer = True
     gradient_image = True
 
-    def attribute(self, inputs, target=None) -> Attribution:
-        x = check_input(self.model, inputs)
+    def compute(self, x, target) -> Attribution:
         cam = GradCAM(self.model, self.layer, self.output_selector, self.interpolation).attribute(x, target)
         guided, _, _ = GuidedBackprop(self.model, output_selector=self.output_selector).input_gradients(
             x, cam.target)
@@ -133,7 +132,6 @@ class IntegratedGradients(GradientMethod):
         if self.baseline == "min":
             return torch.full_like(x, self.input_min)
         if self.baseline == "blur":
-            from ..evaluation.perturbation import blur
             return blur(x)
         raise ConvlensError(f"unknown baseline {self.baseline!r}; use zero, min, blur or a tensor")
 
@@ -164,8 +162,7 @@ class SmoothGrad(Method):
         self.method, self.samples, self.sigma, self.batch_size, self.seed = method, samples, sigma, batch_size, seed
         self.name = f"smoothgrad-{method.name}"
 
-    def attribute(self, inputs, target=None) -> Attribution:
-        x = check_input(self.model, inputs)
+    def compute(self, x, target) -> Attribution:
         with torch.no_grad():
             resolved = self.method.resolve_target(target, self.scores(x))
         gen = torch.Generator(device="cpu").manual_seed(self.seed)

@@ -8,24 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..blur import blur
 from ..errors import ConvlensError
+from ..hooks import evaluating
 from ..runtime import channels_last_weights
-
-
-def gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
-    ax = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
-    k = torch.exp(-ax ** 2 / (2 * sigma ** 2))
-    return k / k.sum()
-
-
-def blur(x: torch.Tensor, size: int = 11, sigma: float = 5.0) -> torch.Tensor:
-    """Separable Gaussian blur of a (N, C, H, W) batch (reflect padding)."""
-    k = gaussian_kernel(size, sigma).to(x)
-    c = x.shape[1]
-    pad = size // 2
-    mode = "reflect" if min(x.shape[-2:]) > pad else "replicate"
-    y = F.conv2d(F.pad(x, (pad, pad, 0, 0), mode=mode), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(F.pad(y, (0, 0, pad, pad), mode=mode), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 def make_baseline(x: torch.Tensor, kind: str | float) -> torch.Tensor:
@@ -40,12 +26,18 @@ def make_baseline(x: torch.Tensor, kind: str | float) -> torch.Tensor:
     raise ConvlensError(f"unknown baseline {kind!r}; use zero, mean, blur or a number")
 
 
-def auc(curve: torch.Tensor) -> torch.Tensor:
-    """Trapezoidal area under curves sampled at evenly spaced fractions 0…1 (last axis)."""
+def auc(curve: torch.Tensor, fractions: torch.Tensor | None = None) -> torch.Tensor:
+    """Trapezoidal area Σ_s (f_{s+1} − f_s)(c_s + c_{s+1})/2 under curves (last axis) sampled at
+    ``fractions`` (evenly spaced 0…1 when None)."""
     n = curve.shape[-1]
     if n < 2:
         raise ConvlensError("a curve needs at least two points")
-    return (curve[..., 1:] + curve[..., :-1]).sum(-1) / (2 * (n - 1))
+    if fractions is None:
+        fractions = torch.linspace(0, 1, n, dtype=curve.dtype)
+    if fractions.shape[-1] != n:
+        raise ConvlensError(f"{fractions.shape[-1]} fractions for curves of {n} points")
+    widths = (fractions[1:] - fractions[:-1]).to(curve)
+    return ((curve[..., 1:] + curve[..., :-1]) * widths).sum(-1) / 2
 
 
 @dataclass
@@ -56,11 +48,11 @@ class Curves:
 
     @property
     def deletion_auc(self) -> torch.Tensor:
-        return auc(self.deletion)
+        return auc(self.deletion, self.fractions)
 
     @property
     def insertion_auc(self) -> torch.Tensor:
-        return auc(self.insertion)
+        return auc(self.insertion, self.fractions)
 
 
 def pixel_ranks(maps: torch.Tensor) -> torch.Tensor:
@@ -77,7 +69,8 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, ta
                        batch_size: int = 256) -> Curves:
     """Target probability as the most important pixels are removed (deletion) or revealed (insertion).
 
-    Step t changes the ``t/steps`` most important fraction of pixels (all channels of a pixel).
+    Step t changes the round(t·H·W/steps) most important pixels (all channels of a pixel); the AUCs
+    integrate over these actual fractions, which are uneven when H·W is not a multiple of ``steps``.
     """
     if maps.shape[0] != x.shape[0] or maps.shape[-2:] != x.shape[-2:]:
         raise ConvlensError(f"maps {tuple(maps.shape)} do not match inputs {tuple(x.shape)}")
@@ -86,7 +79,7 @@ def deletion_insertion(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, ta
     counts = torch.round(torch.linspace(0, h * w, steps + 1)).long().to(x.device)
     del_base, ins_base = make_baseline(x, deletion_baseline), make_baseline(x, insertion_baseline)
     t = targets.to(x.device).long()
-    with channels_last_weights(model):
+    with channels_last_weights(model), evaluating(model):
         curves = {name: perturbed_probabilities(model, start, end, ranks, counts, t, batch_size)
                   for name, start, end in (("deletion", x, del_base), ("insertion", ins_base, x))}
     return Curves(curves["deletion"], curves["insertion"], counts.float().cpu() / (h * w))
@@ -113,8 +106,9 @@ def average_drop_increase(model: nn.Module, x: torch.Tensor, normalized_maps: to
     """Average Drop = mean(max(0, Y − O)/Y)·100 and Increase in Confidence = mean(O > Y)·100, where Y is
     the target probability on the image and O on the image multiplied by its [0, 1] map."""
     t = targets.to(x.device).long().view(-1, 1)
-    y = F.softmax(model(x), 1).gather(1, t)[:, 0]
-    o = F.softmax(model(x * normalized_maps[:, None].to(x)), 1).gather(1, t)[:, 0]
+    with evaluating(model):
+        y = F.softmax(model(x), 1).gather(1, t)[:, 0]
+        o = F.softmax(model(x * normalized_maps[:, None].to(x)), 1).gather(1, t)[:, 0]
     drop = (F.relu(y - o) / y.clamp_min(1e-12)) * 100
     return {"average_drop": float(drop.mean()), "increase_in_confidence": float((o > y).float().mean() * 100),
             "per_image_drop": drop.tolist()}

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attribution.base import Attribution, Method, normalize_maps
-from .perturbation import gaussian_kernel
+from ..blur import gaussian_kernel
+from ..hooks import evaluating
 
 MapFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -87,7 +88,8 @@ def ssim(a: torch.Tensor, b: torch.Tensor, size: int = 11, sigma: float = 1.5) -
     """Mean SSIM of two maps after min-max normalization (Gaussian window; data range 1)."""
     x, y = normalize_maps(torch.stack([a, b]).float())[:, None]
     x, y = x[None], y[None]
-    k = gaussian_kernel(min(size, min(a.shape[-2:]) | 1), sigma)
+    side = min(a.shape[-2:])
+    k = gaussian_kernel(min(size, side if side % 2 else side - 1), sigma)  # odd, at most the map's side
     win = (k[:, None] * k[None, :])[None, None]
     mu_x, mu_y = F.conv2d(x, win), F.conv2d(y, win)
     sxx = F.conv2d(x * x, win) - mu_x ** 2
@@ -136,13 +138,14 @@ def cascading_randomization(model: nn.Module, methods: dict[str, Method | MapFn]
     """Similarity to the original maps after randomizing the top k groups (or only group k)."""
     groups = list(groups or randomization_groups(model))
     fns = {name: as_map_fn(m) for name, m in methods.items()}
-    original = {name: fn(x, targets).detach() for name, fn in fns.items()}
     steps = []
-    for k in range(1, len(groups) + 1):
-        chosen = [groups[k - 1]] if independent else groups[:k]
-        with randomized(model, chosen, seed):
-            row = {"randomized": [g[0] for g in chosen]}
-            for name, fn in fns.items():
-                row[name] = similarity(original[name], fn(x, targets).detach())
-        steps.append(row)
+    with evaluating(model):
+        original = {name: fn(x, targets).detach() for name, fn in fns.items()}
+        for k in range(1, len(groups) + 1):
+            chosen = [groups[k - 1]] if independent else groups[:k]
+            with randomized(model, chosen, seed):
+                row = {"randomized": [g[0] for g in chosen]}
+                for name, fn in fns.items():
+                    row[name] = similarity(original[name], fn(x, targets).detach())
+            steps.append(row)
     return {"groups": [g[0] for g in groups], "mode": "independent" if independent else "cascading", "steps": steps}
