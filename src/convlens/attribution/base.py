@@ -11,7 +11,8 @@ differentiable score, e.g. ``lambda s: s[:, 3] - s[:, 5]``), or a :class:`Target
 and booleans are refused with a :class:`ConvlensError`. Every method resolves it exactly once into a
 :class:`Target` with ``Target.resolve(target, scores)``; a wrapper (SmoothGrad, integrated gradients,
 guided Grad-CAM) resolves on the clean input and hands the :class:`Target` on (``target.repeat(k)``
-for k stacked copies of the batch), so ``None`` means the prediction on the clean image everywhere.
+for k stacked copies of the batch, ``target.select(index)`` for a subset), so ``None`` means the
+prediction on the clean image everywhere.
 A method that needs class indices sets ``needs_class_target = True``.
 
 **Per-method knowledge** lives on the class (read with :func:`convlens.attribution.method_info`):
@@ -91,6 +92,12 @@ class Target:
     def repeat(self, k: int) -> "Target":
         """The same target for ``k`` copies of the batch stacked along the batch axis."""
         return Target(None if self.classes is None else self.classes.repeat(k), self.fn, self.size * k)
+
+    def select(self, index: torch.Tensor) -> "Target":
+        """The target of the inputs at ``index`` (a 1-D index tensor)."""
+        if self.classes is None:
+            return Target(None, self.fn, len(index))
+        return Target(self.classes[index.to(self.classes.device)], None, len(index))
 
     def labels(self) -> torch.Tensor:
         """Class indices on the CPU (N,), -1 where a score function was explained."""

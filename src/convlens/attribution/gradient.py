@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -106,23 +107,52 @@ class GuidedGradCAM(GradientMethod):
         return Attribution(self.name, raw, reduce_channels(raw, self.reduction), cam.target, cam.layer)
 
 
-class IntegratedGradients(GradientMethod):
-    """Sundararajan et al. 2017: (x − x0) ⊙ mean of ∂y/∂x along the straight path x0 → x.
+def midpoints(steps: int, dtype, device, skip_every_third_from: int | None = None) -> torch.Tensor:
+    """α_i = (i + ½)/steps; with ``skip_every_third_from=1`` the points i ≡ 1 (mod 3) are left out — those
+    are exactly the midpoints of the grid of steps/3, so a tripled grid reuses every evaluated point."""
+    i = torch.arange(steps, device=device)
+    if skip_every_third_from is not None:
+        i = i[i % 3 != skip_every_third_from]
+    return (i.to(dtype) + 0.5) / steps
 
-    Uses ``steps`` midpoint-rule points, evaluated in batches of ``batch_size`` inputs.
-    Baselines: 'zero', 'min' (the lowest input value, black), 'blur', or a tensor.
+
+class IntegratedGradients(GradientMethod):
+    """Sundararajan et al. 2017: IG_i = (x_i − x0_i) · ∫₀¹ ∂y/∂x_i (x0 + α(x − x0)) dα.
+
+    The integral is the midpoint rule over ``steps`` points, in batches of ``batch_size`` inputs.
+    Completeness says Σ_i IG_i = y(x) − y(x0); ``extras["completeness_gap"]`` reports, per input,
+    |Σ IG − (y(x) − y(x0))| / |y(x) − y(x0)| (also ``extras["delta"]``, ``extras["steps"]``), and a
+    warning names the inputs whose gap exceeds ``tolerance`` (default 5 %).
+
+    ``steps=None`` (default) chooses the steps by that gap: 32 points, then 96, then 288 for the
+    inputs still above ``tolerance`` (tripling the midpoint grid reuses every point already evaluated).
+    At the 32 fixed steps the CLI once used, EfficientNet-Lite0's gap was 10–15 %.
+
+    Baselines: ``"zero"``; ``"min"`` — the lowest input value (black), from ``input_min`` or else the
+    lower end of ``input_range`` (e.g. ``LoadedModel.input_range``; refused when neither is given);
+    ``"blur"``; or a tensor.
+
+    >>> ig = IntegratedGradients(model, baseline="min", input_range=loaded.input_range)
+    >>> res = ig.attribute(x, target=3); res.extras["completeness_gap"]
     """
 
     name = "integrated-gradients"
     reduction = "sum"
     signed = True
+    auto_steps = (32, 96, 288)
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", reduction=None,
-                 steps: int = 64, baseline="zero", batch_size: int = 256, input_min: float = 0.0):
+                 steps: int | None = None, baseline="zero", batch_size: int = 256,
+                 input_range: tuple[float, float] | None = None, input_min: float | None = None,
+                 tolerance: float = 0.05):
         super().__init__(model, layer, output_selector, interpolation, reduction)
-        if steps <= 0 or batch_size <= 0:
+        if (steps is not None and steps <= 0) or batch_size <= 0:
             raise ConvlensError("integrated gradients needs positive steps and batch size")
-        self.steps, self.baseline, self.batch_size, self.input_min = steps, baseline, batch_size, input_min
+        if tolerance <= 0:
+            raise ConvlensError("integrated gradients needs a positive completeness tolerance")
+        self.steps, self.baseline, self.batch_size, self.tolerance = steps, baseline, batch_size, tolerance
+        self.input_min = input_min if input_min is not None else (
+            float(input_range[0]) if input_range is not None else None)
 
     def make_baseline(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.baseline, torch.Tensor):
@@ -130,24 +160,68 @@ class IntegratedGradients(GradientMethod):
         if self.baseline == "zero":
             return torch.zeros_like(x)
         if self.baseline == "min":
+            if self.input_min is None:
+                raise ConvlensError("baseline 'min' needs the input range: pass input_range=(low, high) "
+                                    "(LoadedModel.input_range) or input_min")
             return torch.full_like(x, self.input_min)
         if self.baseline == "blur":
             return blur(x)
         raise ConvlensError(f"unknown baseline {self.baseline!r}; use zero, min, blur or a tensor")
 
-    def raw_map(self, x, target):
-        x0 = self.make_baseline(x)
-        with torch.no_grad():
-            resolved = self.resolve_target(target, self.scores(x))
-        alphas = (torch.arange(self.steps, dtype=x.dtype, device=x.device) + 0.5) / self.steps
+    def path_gradient_sum(self, x: torch.Tensor, x0: torch.Tensor, target, alphas: torch.Tensor) -> torch.Tensor:
+        """Σ_α ∂y/∂x at x0 + α(x − x0), in chunks of about ``batch_size`` inputs."""
         total = torch.zeros_like(x)
         per_chunk = max(1, self.batch_size // len(x))
-        for start in range(0, self.steps, per_chunk):
+        for start in range(0, len(alphas), per_chunk):
             a = alphas[start:start + per_chunk]
             points = (x0[None] + a[:, None, None, None, None] * (x - x0)[None]).flatten(0, 1)
-            grad, _, _ = self.input_gradients(points, resolved.repeat(len(a)))
+            grad, _, _ = self.input_gradients(points, target.repeat(len(a)))
             total += grad.view(len(a), *x.shape).sum(0)
-        return (x - x0) * total / self.steps, resolved
+        return total
+
+    def raw_map(self, x, target):
+        raw, resolved, _ = self.integrate(x, target)
+        return raw, resolved
+
+    def integrate(self, x, target):
+        """(IG, resolved target, extras)."""
+        x0 = self.make_baseline(x)
+        with torch.no_grad():
+            scores = self.scores(x)
+            resolved = self.resolve_target(target, scores)
+            delta = resolved.explained(scores) - resolved.explained(self.scores(x0))
+        steps = self.steps or self.auto_steps[0]
+        grad_sum = self.path_gradient_sum(x, x0, resolved, midpoints(steps, x.dtype, x.device))
+        used = torch.full((len(x),), steps, dtype=torch.long)
+        raw = (x - x0) * grad_sum / steps
+        gap = completeness_gap(raw, delta)
+        for finer in (self.auto_steps[1:] if self.steps is None else ()):
+            todo = (gap > self.tolerance).nonzero().flatten()
+            if len(todo) == 0:
+                break
+            alphas = midpoints(finer, x.dtype, x.device, skip_every_third_from=1)
+            grad_sum[todo] += self.path_gradient_sum(x[todo], x0[todo], resolved.select(todo), alphas)
+            used[todo.cpu()] = finer
+            raw[todo] = (x - x0)[todo] * grad_sum[todo] / finer
+            gap[todo] = completeness_gap(raw[todo], delta[todo])
+        warn_completeness(gap, self.tolerance, used)
+        return raw, resolved, {"completeness_gap": gap.cpu(), "delta": delta.cpu(), "steps": used}
+
+    def compute(self, x, target) -> Attribution:
+        raw, resolved, extras = self.integrate(x, target)
+        return Attribution(self.name, raw, reduce_channels(raw, self.reduction), resolved, extras=extras)
+
+
+def completeness_gap(raw: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """|Σ attributions − Δ| / |Δ| per input (Δ = y(x) − y(x0); |Δ| floored at 1e-6)."""
+    return (raw.flatten(1).sum(1) - delta).abs() / delta.abs().clamp_min(1e-6)
+
+
+def warn_completeness(gap: torch.Tensor, tolerance: float, steps: torch.Tensor) -> None:
+    bad = (gap > tolerance).nonzero().flatten().tolist()
+    if bad:
+        warnings.warn(f"integrated gradients: completeness gap above {tolerance:.0%} for input(s) {bad} "
+                      f"(worst {float(gap.max()):.1%} at {int(steps.max())} steps): raise steps", stacklevel=3)
 
 
 class SmoothGrad(Method):
