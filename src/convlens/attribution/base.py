@@ -29,6 +29,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -177,14 +178,31 @@ def select_output(output: Any, selector: OutputSelector) -> torch.Tensor:
     return output[selector]
 
 
+UPSAMPLING = ("bilinear", "bicubic", "nearest", "pil-bicubic")
+
+
 def upsample(maps: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
-    """(N, h, w) → (N, H, W) with bilinear (default) or bicubic interpolation."""
-    if mode not in ("bilinear", "bicubic", "nearest"):
-        raise ConvlensError(f"unknown upsampling {mode!r}; use bilinear, bicubic or nearest")
+    """(N, h, w) → (N, H, W): torch's bilinear (default), bicubic (a = −0.75, borders replicated) or
+    nearest; ``"pil-bicubic"``: PIL's bicubic on float images (a = −0.5, weights renormalized at the
+    borders), the upsampling of keras-vis (``scipy.misc.imresize(interp='bicubic', mode='F')``)."""
+    if mode not in UPSAMPLING:
+        raise ConvlensError(f"unknown upsampling {mode!r}; use {', '.join(UPSAMPLING)}")
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
+    if mode == "pil-bicubic":
+        return pil_bicubic(maps, size)
     kwargs = {} if mode == "nearest" else {"align_corners": False}
     return F.interpolate(maps[:, None], size=tuple(size), mode=mode, **kwargs)[:, 0]
+
+
+def pil_bicubic(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Each (h, w) map resized to ``size`` by PIL in mode "F" (float32), on the CPU."""
+    from PIL import Image
+
+    height, width = int(size[0]), int(size[1])
+    arrays = maps.detach().float().cpu().numpy()
+    out = [np.asarray(Image.fromarray(a, mode="F").resize((width, height), Image.BICUBIC)) for a in arrays]
+    return torch.from_numpy(np.stack(out)).to(device=maps.device, dtype=maps.dtype)
 
 
 def expected_channels(model: nn.Module) -> int | None:

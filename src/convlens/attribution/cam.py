@@ -136,22 +136,26 @@ class LayerCAM(CamMethod):
 
 
 class KerasVisGradCAM(CamMethod):
-    """keras-vis ``visualize_cam`` with ``backprop_modifier='guided'``: Grad-CAM on guided gradients.
+    """keras-vis 0.4.1 ``visualize_cam`` with ``backprop_modifier='guided'``: Grad-CAM on guided gradients.
 
-    Layer: the nearest conv or pooling layer before the output; gradients divided by their
-    maximum before the spatial mean; bicubic upsampling. Not the paper's guided Grad-CAM.
+    Layer: the nearest conv or pooling layer before the output. keras-vis turns every activation,
+    the output layer's included, into a guided ReLU, so it explains ReLU(y^c): the map is all zero
+    when the target logit y^c ≤ 0. g = ∂ReLU(y^c)/∂A / (max g + 1e-7); w_k = mean_ij g_k;
+    ReLU(Σ_k w_k A_k); PIL bicubic upsampling. Not the paper's guided Grad-CAM.
+    Remaining differences from keras-vis: docs/keras-vis.md.
     """
 
     name = "kerasvis-guided-gradcam"
     kerasvis_layer = True
     relu_rule = "guided"
 
-    def __init__(self, model, layer=None, output_selector=None, interpolation="bicubic"):
+    def __init__(self, model, layer=None, output_selector=None, interpolation="pil-bicubic"):
         super().__init__(model, layer, output_selector, interpolation)
 
     def weights(self, p):
-        peak = p.grads.flatten(1).max(1).values
-        return (p.grads / (peak + 1e-7)[:, None, None, None]).mean((2, 3))
+        grads = p.grads * (p.explained > 0).to(p.grads)[:, None, None, None]  # the guided ReLU on the output
+        peak = grads.flatten(1).max(1).values
+        return (grads / (peak + 1e-7)[:, None, None, None]).mean((2, 3))
 
 
 class CAM(CamMethod):
