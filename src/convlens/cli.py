@@ -290,10 +290,18 @@ class SubParser(argparse.ArgumentParser):
         self.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def use_file_backend() -> None:
+    """Figures go to files: matplotlib's Agg backend (no display needed), chosen here, not on import."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        use_file_backend()
         tune_malloc()
         set_threads(args.threads)
         return COMMANDS[args.command](args) or 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .attribution import make_method, uses_layer
+from .attribution import make_method, method_info, uses_layer
 from .data.images import expand_image_paths, open_image, package_photos_dir
 from .errors import ConvlensError
 from .attribution.base import select_output
@@ -25,7 +25,6 @@ from .progress import progress as progress_of
 # Score-CAM is left out of the default set: ~15 s per photo on EfficientNet-Lite0 on 2 cores.
 DEFAULT_METHODS = ["gradcam", "guided-gradcam", "gradcam++", "layercam", "xgradcam", "saliency",
                    "guided-backprop", "integrated-gradients"]
-SLOW_OPTIONS = {"integrated-gradients": {"steps": 32, "batch_size": 64}}
 
 
 @dataclass
@@ -122,7 +121,7 @@ def run_methods(loaded: LoadedModel, x: torch.Tensor, methods: list[str], target
     results, seconds = {}, {}
     for name in progress_of(methods, desc="methods", unit="method", enabled=progress):
         method_layer = (layer or loaded.profile.explain_layer) if uses_layer(name) else None
-        method = make_method(name, loaded.model, layer=method_layer, **SLOW_OPTIONS.get(name, {}))
+        method = make_method(name, loaded.model, layer=method_layer, **method_info(name).fast_options)
         start = time.perf_counter()
         results[name] = method.attribute(x.to(loaded.device), target)
         seconds[name] = time.perf_counter() - start

@@ -1,10 +1,13 @@
 """Attribution methods, one call shape: ``Method(model, layer=None, **options).attribute(x, target)``.
 
-Functional form: ``attribute("gradcam", model, x, target=None, layer=None, **options)``.
+Functional form: ``attribute("gradcam", model, x, target=None, layer=None, **options)``. Targets and
+the per-method attributes are described in :mod:`convlens.attribution.base`; read them by name with
+:func:`method_info`.
 """
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,23 +18,52 @@ from .cam import CAM, GradCAM, GradCAMPlusPlus, KerasVisGradCAM, LayerCAM, Score
 from .gradient import (Deconvnet, GuidedBackprop, GuidedGradCAM, InputXGradient, IntegratedGradients,
                        Saliency, SmoothGrad)
 
-METHODS: dict[str, Callable[..., Method]] = {
+
+class SmoothGradSaliency(SmoothGrad):
+    """The registry's ``smoothgrad``: SmoothGrad over the vanilla gradient (options: samples, sigma, seed…)."""
+
+    name = "smoothgrad"
+
+    def __init__(self, model: nn.Module, layer=None, output_selector=None, interpolation="bilinear", **options):
+        super().__init__(Saliency(model, layer, output_selector, interpolation), **options)
+
+
+METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (CAM, GradCAM, GradCAMPlusPlus, ScoreCAM, LayerCAM, XGradCAM, Saliency,
                               GuidedBackprop, Deconvnet, GuidedGradCAM, KerasVisGradCAM,
-                              IntegratedGradients, InputXGradient)
+                              IntegratedGradients, InputXGradient, SmoothGradSaliency)
 }
-METHODS["smoothgrad"] = lambda model, layer=None, **kw: SmoothGrad(Saliency(model, layer), **kw)
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What callers (CLI, plots, report, evaluation) need to know about a method, from its class."""
+
+    name: str
+    needs_layer: bool         # reads a layer: --layer applies
+    needs_class_target: bool  # refuses a score-function target
+    signed: bool              # maps carry meaningful negative values
+    gradient_image: bool      # raw is an input-shaped gradient worth showing as an image
+    fast_options: dict[str, Any]  # options for a quick run (CLI explain / evaluate)
+
+
+def method_info(name: str) -> MethodInfo:
+    """The :class:`MethodInfo` of a registered method; an unknown name is a ConvlensError."""
+    if name not in METHODS:
+        raise ConvlensError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    cls = METHODS[name]
+    return MethodInfo(name, cls.needs_layer, cls.needs_class_target, cls.signed, cls.gradient_image,
+                      dict(cls.fast_options))
 
 
 def uses_layer(name: str) -> bool:
     """Whether the method reads a layer (CAM family, guided Grad-CAM): ``--layer`` applies to it."""
-    return bool(getattr(METHODS.get(name), "needs_layer", False))
+    return name in METHODS and method_info(name).needs_layer
 
 
 def make_method(name: str, model: nn.Module, layer=None, **options) -> Method:
     """A method instance by name (see ``METHODS``)."""
-    if name not in METHODS:
-        raise ConvlensError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    method_info(name)  # validates the name
     return METHODS[name](model, layer=layer, **options)
 
 

@@ -167,6 +167,7 @@ class CAM(CamMethod):
 
     name = "cam"
     needs_grad = False
+    signed = True  # Σ_k w_k A_k without a ReLU
     needs_class_target = True
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", fc: nn.Linear | None = None):

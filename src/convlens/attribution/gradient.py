@@ -140,6 +140,7 @@ class IntegratedGradients(GradientMethod):
     reduction = "sum"
     signed = True
     auto_steps = (32, 96, 288)
+    fast_options = {"batch_size": 64}  # steps chosen by the completeness gap
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", reduction=None,
                  steps: int | None = None, baseline="zero", batch_size: int = 256,

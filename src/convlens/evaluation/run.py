@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from ..attribution import METHODS, make_method, uses_layer
+from ..attribution import METHODS, make_method, method_info, uses_layer
 from ..data.mnist import load_mnist
 from ..errors import ConvlensError
-from ..explain import SLOW_OPTIONS, load_batch
+from ..explain import load_batch
 from ..io import ensure_dir, write_json
 from ..attribution.base import select_output
 from ..hooks import evaluating
@@ -45,7 +45,7 @@ def resolve_methods(names: list[str] | None, loaded: LoadedModel) -> list[str]:
 
 
 def method_options(name: str, loaded: LoadedModel) -> dict:
-    options = dict(SLOW_OPTIONS.get(name, {}))
+    options = method_info(name).fast_options
     if name == "smoothgrad":
         options["samples"] = loaded.profile.evaluation.smoothgrad_samples
     return options

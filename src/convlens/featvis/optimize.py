@@ -5,7 +5,7 @@ Two modes:
 * ``default`` — the best we found for small grayscale networks: Adam on the pixels,
   1-px jitter, clipping to the input range every step (or, for colour images, an
   optional Fourier / decorrelated-colour parameterization).
-* ``kerasvis`` — keras-vis 0.4.1 as documented in GUIDE §3: noise start (mean = middle of
+* ``kerasvis`` — keras-vis 0.4.1 as documented in docs/activation-maximization.md: noise start (mean = middle of
   the input range, std = 5 % of it), gradient divided by its RMS, RMSprop with lr 1
   (cache = 0.95·cache + 0.05·g², step g/√(cache + 1e-7)), Lp (p = 6, weight 10) and TV
   terms, best iterate kept, each image rescaled on its own: (x − mean)/std·0.1 + 0.5.

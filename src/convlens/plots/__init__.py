@@ -1,12 +1,10 @@
 """Figures: every function takes data and a path and writes one PNG atomically.
 
 Layouts are matplotlib's constrained layout, so titles, labels and colour bars get their own room.
+The CLI selects matplotlib's non-interactive backend at start-up; importing this package leaves a
+notebook's backend alone.
 """
 import textwrap
-
-import matplotlib
-
-matplotlib.use("Agg")
 
 
 def wrap_title(text: str, width_inches: float, fontsize: float) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+from ..attribution import METHODS, method_info
 from ..io import save_figure
 from . import wrap_title
 
@@ -88,11 +89,11 @@ def gradient_image(raw: np.ndarray) -> np.ndarray:
 
 
 def method_traits(name: str) -> tuple[bool, bool]:
-    """(gradient_image, signed) of a registered method, read from its class (False for unknown names)."""
-    from ..attribution import METHODS
-
-    cls = METHODS.get(name)
-    return bool(getattr(cls, "gradient_image", False)), bool(getattr(cls, "signed", False))
+    """(gradient_image, signed) of a registered method (:func:`method_info`); False for unknown names."""
+    if name not in METHODS:
+        return False, False
+    info = method_info(name)
+    return info.gradient_image, info.signed
 
 
 def method_panel(name: str, image: np.ndarray, raw: np.ndarray, heat: np.ndarray) -> np.ndarray:

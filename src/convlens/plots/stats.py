@@ -1,4 +1,4 @@
-"""Figures of the filter activation statistics and of feature maps (GUIDE §2 readings)."""
+"""Figures of the filter activation statistics and of feature maps (the readings of docs/filter-statistics.md)."""
 from __future__ import annotations
 
 from pathlib import Path
