@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import ConvlensError
 from ..hooks import auto_layer, capture, frozen, relu_rule, resolve_layer
 from ..runtime import channels_last_weights
-from .base import Attribution, Method, Target, upsample
+from .base import Attribution, Method, Target, input_size_errors, upsample
 
 
 @dataclass
@@ -51,7 +51,8 @@ class CamMethod(Method):
         cache = self.__dict__.setdefault("_auto_layers", {})
         key = tuple(x.shape[1:])
         if key not in cache:
-            cache[key] = auto_layer(self.model, x, kerasvis=self.kerasvis_layer)
+            with input_size_errors(x):
+                cache[key] = auto_layer(self.model, x, kerasvis=self.kerasvis_layer)
         return cache[key]
 
     def layer_pass(self, x: torch.Tensor, target, layer: str) -> LayerPass:
