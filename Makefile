@@ -1,11 +1,12 @@
-# Two entry points: `make lab` (the whole PW-11 lab → HTML report) and `make test`.
+# Entry points: `make lab` (the whole PW-11 lab → HTML report), `make test` (every test, slow ones too; CI)
+# and `make test-fast` (plain pytest: slow tests skipped).
 # Each creates .venv and installs everything it needs; torch 2.13.0 (CPU) goes in first.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: lab test bench install clean
+.PHONY: lab test test-fast bench install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,6 +22,9 @@ lab: $(STAMP)
 
 test: $(STAMP)
 	@command -v chromium >/dev/null 2>&1 || (apt-get install -y -q chromium >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) || echo "chromium not installed: browser test will be skipped"
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "" tests
+
+test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)

@@ -1,3 +1,10 @@
+"""Shared fixtures. Plain `pytest` runs the fast tests (pyproject: -m "not slow"); `make test` runs all.
+
+A test is slow when it trains a network (uses a fixture in ``TRAINING_FIXTURES``) or runs convlens in
+a subprocess (calls ``run_cli`` or ``subprocess``); such tests get the ``slow`` mark automatically here,
+any other long test marks itself with ``@pytest.mark.slow``.
+"""
+import inspect
 import os
 import subprocess
 import sys
@@ -8,6 +15,22 @@ import torch
 
 torch.set_num_threads(int(os.environ.get("CONVLENS_TEST_THREADS", "2")))
 ROOT = Path(__file__).resolve().parents[1]
+TRAINING_FIXTURES = {"trained_run", "lab_model", "lab_dir"}
+
+
+def runs_a_subprocess(function) -> bool:
+    try:
+        source = inspect.getsource(function)
+    except (OSError, TypeError):
+        return False
+    return "run_cli(" in source or "subprocess." in source
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        function = getattr(item, "function", None)
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())) or (function and runs_a_subprocess(function)):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
