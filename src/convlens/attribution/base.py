@@ -151,16 +151,24 @@ class Attribution:
         return normalize_maps(self.maps)
 
 
-def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
+def minmax_scale(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample (m − min)/(max − min) of (N, …) maps; a flat (or non-finite) map becomes zeros.
+    Returns (scaled maps, which were flat)."""
     flat = maps.flatten(1)
     lo, hi = flat.min(1).values, flat.max(1).values
     span = hi - lo
     is_flat = ~(span > 0) | ~torch.isfinite(span)
-    if bool(is_flat.any()):
-        warnings.warn(f"{int(is_flat.sum())} flat attribution map(s): normalized to zeros", stacklevel=2)
     scale = torch.where(is_flat, torch.zeros_like(span), 1.0 / torch.where(is_flat, torch.ones_like(span), span))
     out = (flat - lo[:, None]) * scale[:, None]
-    return torch.nan_to_num(out, nan=0.0).view_as(maps)
+    return torch.nan_to_num(out, nan=0.0).view_as(maps), is_flat
+
+
+def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
+    """:func:`minmax_scale` with a warning for flat maps."""
+    out, is_flat = minmax_scale(maps)
+    if bool(is_flat.any()):
+        warnings.warn(f"{int(is_flat.sum())} flat attribution map(s): normalized to zeros", stacklevel=2)
+    return out
 
 
 def select_output(output: Any, selector: OutputSelector) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch import nn
 from ..errors import ConvlensError
 from ..hooks import auto_layer, capture, frozen, relu_rule, resolve_layer
 from ..runtime import channels_last_weights
-from .base import Attribution, Method, Target, input_size_errors, upsample
+from .base import Attribution, Method, Target, input_size_errors, minmax_scale, upsample
 
 
 @dataclass
@@ -225,12 +225,7 @@ class ScoreCAM(CamMethod):
         live = (act.flatten(1) != 0).any(1).nonzero().flatten()
         for start in range(0, len(live), self.batch_size):
             idx = live[start:start + self.batch_size]
-            masks = upsample(act[idx], image.shape[-2:], "bilinear")
-            flat = masks.flatten(1)
-            lo, hi = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
-            span = hi - lo
-            masks = torch.where(span > 0, (masks - lo) / torch.where(span > 0, span, torch.ones_like(span)),
-                                torch.zeros_like(masks))
+            masks = minmax_scale(upsample(act[idx], image.shape[-2:], "bilinear"))[0]
             masked = (image[None] * masks[:, None]).contiguous(memory_format=torch.channels_last)
             probs = F.softmax(self.scores(masked), dim=1)
             alpha[idx] = probs[:, target]

@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from ..blur import blur
+from ..baselines import make_baseline
 from ..errors import ConvlensError
 from ..hooks import frozen, relu_rule
 from ..runtime import channels_last_weights
@@ -130,7 +130,7 @@ class IntegratedGradients(GradientMethod):
 
     Baselines: ``"zero"``; ``"min"`` — the lowest input value (black), from ``input_min`` or else the
     lower end of ``input_range`` (e.g. ``LoadedModel.input_range``; refused when neither is given);
-    ``"blur"``; or a tensor.
+    ``"blur"``, ``"mean"``, a number or a tensor (:func:`convlens.baselines.make_baseline`).
 
     >>> ig = IntegratedGradients(model, baseline="min", input_range=loaded.input_range)
     >>> res = ig.attribute(x, target=3); res.extras["completeness_gap"]
@@ -156,18 +156,12 @@ class IntegratedGradients(GradientMethod):
             float(input_range[0]) if input_range is not None else None)
 
     def make_baseline(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.baseline, torch.Tensor):
-            return self.baseline.to(x).expand_as(x)
-        if self.baseline == "zero":
-            return torch.zeros_like(x)
-        if self.baseline == "min":
+        if isinstance(self.baseline, str) and self.baseline == "min":
             if self.input_min is None:
                 raise ConvlensError("baseline 'min' needs the input range: pass input_range=(low, high) "
                                     "(LoadedModel.input_range) or input_min")
-            return torch.full_like(x, self.input_min)
-        if self.baseline == "blur":
-            return blur(x)
-        raise ConvlensError(f"unknown baseline {self.baseline!r}; use zero, min, blur or a tensor")
+            return make_baseline(x, self.input_min)
+        return make_baseline(x, self.baseline)
 
     def path_gradient_sum(self, x: torch.Tensor, x0: torch.Tensor, target, alphas: torch.Tensor) -> torch.Tensor:
         """Σ_α ∂y/∂x at x0 + α(x − x0), in chunks of about ``batch_size`` inputs."""

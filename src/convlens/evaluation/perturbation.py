@@ -8,22 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..blur import blur
+from ..baselines import make_baseline
 from ..errors import ConvlensError
 from ..hooks import evaluating
 from ..runtime import channels_last_weights
-
-
-def make_baseline(x: torch.Tensor, kind: str | float) -> torch.Tensor:
-    if isinstance(kind, (int, float)):
-        return torch.full_like(x, float(kind))
-    if kind == "zero":
-        return torch.zeros_like(x)
-    if kind == "mean":
-        return x.mean((2, 3), keepdim=True).expand_as(x).clone()
-    if kind == "blur":
-        return blur(x)
-    raise ConvlensError(f"unknown baseline {kind!r}; use zero, mean, blur or a number")
 
 
 def auc(curve: torch.Tensor, fractions: torch.Tensor | None = None) -> torch.Tensor:

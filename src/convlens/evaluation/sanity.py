@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attribution.base import Attribution, Method, normalize_maps
-from ..blur import gaussian_kernel
+from ..baselines import gaussian_kernel
 from ..hooks import evaluating
 
 MapFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
