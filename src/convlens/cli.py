@@ -290,6 +290,13 @@ class SubParser(argparse.ArgumentParser):
         self.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def one_line_warnings() -> None:
+    """Warnings (a flat map, an integrated-gradients completeness gap…) print as one line each."""
+    import warnings
+
+    warnings.formatwarning = lambda message, category, *_args, **_kw: f"convlens: warning: {message}\n"
+
+
 def use_file_backend() -> None:
     """Figures go to files: matplotlib's Agg backend (no display needed), chosen here, not on import."""
     import matplotlib
@@ -302,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         use_file_backend()
+        one_line_warnings()
         tune_malloc()
         set_threads(args.threads)
         return COMMANDS[args.command](args) or 0
