@@ -107,12 +107,12 @@ class GuidedGradCAM(GradientMethod):
         return Attribution(self.name, raw, reduce_channels(raw, self.reduction), cam.target, cam.layer)
 
 
-def midpoints(steps: int, dtype, device, skip_every_third_from: int | None = None) -> torch.Tensor:
-    """α_i = (i + ½)/steps; with ``skip_every_third_from=1`` the points i ≡ 1 (mod 3) are left out — those
-    are exactly the midpoints of the grid of steps/3, so a tripled grid reuses every evaluated point."""
+def midpoints(steps: int, dtype, device, new_only: bool = False) -> torch.Tensor:
+    """α_i = (i + ½)/steps. ``new_only``: leave out i ≡ 1 (mod 3), exactly the midpoints of the grid of
+    steps/3 — a tripled grid reuses every point already evaluated."""
     i = torch.arange(steps, device=device)
-    if skip_every_third_from is not None:
-        i = i[i % 3 != skip_every_third_from]
+    if new_only:
+        i = i[i % 3 != 1]
     return (i.to(dtype) + 0.5) / steps
 
 
@@ -139,7 +139,7 @@ class IntegratedGradients(GradientMethod):
     name = "integrated-gradients"
     reduction = "sum"
     signed = True
-    auto_steps = (32, 96, 288)
+    auto_steps = (32, 96, 288)  # each 3× the previous: the finer midpoint grid contains the coarser one
     fast_options = {"batch_size": 64}  # steps chosen by the completeness gap
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", reduction=None,
@@ -194,7 +194,7 @@ class IntegratedGradients(GradientMethod):
             todo = (gap > self.tolerance).nonzero().flatten()
             if len(todo) == 0:
                 break
-            alphas = midpoints(finer, x.dtype, x.device, skip_every_third_from=1)
+            alphas = midpoints(finer, x.dtype, x.device, new_only=True)
             grad_sum[todo] += self.path_gradient_sum(x[todo], x0[todo], resolved.select(todo), alphas)
             used[todo.cpu()] = finer
             raw[todo] = (x - x0)[todo] * grad_sum[todo] / finer
@@ -247,5 +247,4 @@ class SmoothGrad(Method):
             maps = res.maps.view(k, len(x), *res.maps.shape[1:]).sum(0)
             raw_sum = raw if raw_sum is None else raw_sum + raw
             maps_sum = maps if maps_sum is None else maps_sum + maps
-        return Attribution(self.name, raw_sum / self.samples, maps_sum / self.samples, resolved,
-                           getattr(self.method, "layer", None) if isinstance(self.method.layer, str) else None)
+        return Attribution(self.name, raw_sum / self.samples, maps_sum / self.samples, resolved, res.layer)
