@@ -15,6 +15,14 @@ for k stacked copies of the batch, ``target.select(index)`` for a subset), so ``
 prediction on the clean image everywhere.
 A method that needs class indices sets ``needs_class_target = True``.
 
+**Writing a method.** Subclass :class:`Method` and implement ``compute(x, target) -> Attribution``:
+``attribute`` has already checked ``x`` (a finite, non-empty float batch of the model's dtype) and put
+the model in eval mode. Resolve the target with ``self.resolve_target(target, scores)`` (it accepts a
+:class:`Target` from a wrapper) and score with ``resolved.explained(scores)``. A CAM variant subclasses
+``cam.CamMethod`` and implements only ``weights(p)`` (and ``combine(p, w)`` if not Σ_k w_k A_k), where
+``p`` is a ``cam.LayerPass`` (``acts``, ``grads``, ``explained``, ``target``, ``x``, ``layer``,
+``scores``). Register the class in ``convlens.attribution.METHODS``.
+
 **Per-method knowledge** lives on the class (read with :func:`convlens.attribution.method_info`):
 ``needs_layer`` (reads a layer: ``--layer`` applies), ``signed`` (``maps`` has meaningful negative
 values), ``gradient_image`` (``raw`` is an input-shaped gradient worth showing as an image),
