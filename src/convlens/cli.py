@@ -5,7 +5,9 @@ User errors print one line on stderr and exit with code 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -290,11 +292,16 @@ class SubParser(argparse.ArgumentParser):
         self.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def one_line_warnings() -> None:
-    """Warnings (a flat map, an integrated-gradients completeness gap…) print as one line each."""
-    import warnings
-
+@contextlib.contextmanager
+def one_line_warnings():
+    """Warnings (a flat map, an integrated-gradients completeness gap…) print as one line each; the
+    previous format is restored afterwards (main() may be called in-process)."""
+    previous = warnings.formatwarning
     warnings.formatwarning = lambda message, category, *_args, **_kw: f"convlens: warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
 
 
 def use_file_backend() -> None:
@@ -309,10 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         use_file_backend()
-        one_line_warnings()
         tune_malloc()
         set_threads(args.threads)
-        return COMMANDS[args.command](args) or 0
+        with one_line_warnings():
+            return COMMANDS[args.command](args) or 0
     except ConvlensError as exc:
         print(f"convlens: error: {exc}", file=sys.stderr)
         return 2
