@@ -150,8 +150,8 @@ def explain(loaded: LoadedModel, items, out: str | Path, methods: list[str] | No
     for i, path in enumerate(progress_of(batch.paths, desc="figures", unit="image", enabled=progress)):
         image = loaded.deprocess(batch.x[i])
         stem = path.stem
-        cls = int(run["results"][methods[0]].targets[i])
-        label = loaded.class_names[cls] if cls >= 0 else "custom target"
+        first = run["results"][methods[0]]
+        label = loaded.class_names[int(first.targets[i])] if first.target.is_class else "custom target"
         raws = {name: res.raw[i].cpu().numpy() for name, res in run["results"].items()}
         panels = {name: method_panel(name, image, raws[name], res.maps[i].cpu().numpy())
                   for name, res in run["results"].items()}
