@@ -4,6 +4,7 @@ A file that cannot be read is reported (one line) and skipped; the other files s
 """
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .attribution import make_method, method_info, uses_layer
+from .attribution import METHODS, make_method, method_info, uses_layer
 from .data.images import expand_image_paths, open_image, package_photos_dir
 from .errors import ConvlensError
 from .attribution.base import select_output
@@ -115,13 +116,22 @@ def parse_target(text: str | None, loaded: LoadedModel) -> int | None:
     return matches[0]
 
 
-def run_methods(loaded: LoadedModel, x: torch.Tensor, methods: list[str], target, layer: str | None,
-                progress: bool = True) -> dict:
+def method_for(loaded: LoadedModel, name: str, layer: str | None = None, model=None, **options):
+    """A method configured for this model: the profile's layer (unless ``layer``), the method's fast options,
+    and the input range for methods that take one (integrated gradients' black baseline)."""
+    method_layer = (layer or loaded.profile.explain_layer) if uses_layer(name) else None
+    options = {**method_info(name).fast_options, **options}
+    if "input_range" in inspect.signature(METHODS[name]).parameters:
+        options.setdefault("input_range", loaded.input_range)
+    return make_method(name, model if model is not None else loaded.model, layer=method_layer, **options)
+
+
+def run_methods(loaded: LoadedModel, x: torch.Tensor, methods: list[str], target, layer: str | None = None,
+                progress: bool = True, options: dict[str, dict] | None = None, desc: str = "methods") -> dict:
     """{method: Attribution} for the whole batch, with the seconds each took."""
     results, seconds = {}, {}
-    for name in progress_of(methods, desc="methods", unit="method", enabled=progress):
-        method_layer = (layer or loaded.profile.explain_layer) if uses_layer(name) else None
-        method = make_method(name, loaded.model, layer=method_layer, **method_info(name).fast_options)
+    for name in progress_of(methods, desc=desc, unit="method", enabled=progress):
+        method = method_for(loaded, name, layer, **(options or {}).get(name, {}))
         start = time.perf_counter()
         results[name] = method.attribute(x.to(loaded.device), target)
         seconds[name] = time.perf_counter() - start

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from ..attribution import METHODS, make_method, method_info, uses_layer
+from ..attribution import METHODS, make_method
 from ..data.mnist import load_mnist
 from ..errors import ConvlensError
-from ..explain import load_batch
+from ..explain import load_batch, method_for, run_methods
 from ..io import ensure_dir, write_json
 from ..attribution.base import select_output
 from ..hooks import evaluating
@@ -45,25 +45,18 @@ def resolve_methods(names: list[str] | None, loaded: LoadedModel) -> list[str]:
 
 
 def method_options(name: str, loaded: LoadedModel) -> dict:
-    options = method_info(name).fast_options
-    if name == "smoothgrad":
-        options["samples"] = loaded.profile.evaluation.smoothgrad_samples
-    return options
+    """Options beyond the method's fast defaults: the profile's SmoothGrad sample count."""
+    return {"samples": loaded.profile.evaluation.smoothgrad_samples} if name == "smoothgrad" else {}
 
 
-def layer_for(name: str, loaded: LoadedModel) -> str | None:
-    """The profile's explain layer for methods that read a layer (else automatic)."""
-    return loaded.profile.explain_layer if uses_layer(name) else None
+def evaluated_method(name: str, loaded: LoadedModel, model=None):
+    return method_for(loaded, name, model=model, **method_options(name, loaded))
 
 
 def compute_maps(loaded: LoadedModel, methods: list[str], x: torch.Tensor, targets: torch.Tensor, progress: bool):
-    maps, seconds = {}, {}
-    for name in progress_of(methods, desc="maps", unit="method", enabled=progress):
-        method = make_method(name, loaded.model, layer=layer_for(name, loaded), **method_options(name, loaded))
-        start = time.perf_counter()
-        maps[name] = method.attribute(x, targets)
-        seconds[name] = (time.perf_counter() - start) / len(x)
-    return maps, seconds
+    run = run_methods(loaded, x, methods, targets, progress=progress,
+                      options={m: method_options(m, loaded) for m in methods}, desc="maps")
+    return run["results"], {name: s / len(x) for name, s in run["seconds"].items()}
 
 
 def random_label_model(loaded: LoadedModel, seed: int, progress: bool) -> LoadedModel:
@@ -130,8 +123,7 @@ def evaluate(loaded: LoadedModel, out, methods: list[str] | None = None, images=
     if k > 0:
         start = time.perf_counter()
         sane = [m for m in SANITY_METHODS if m in methods] or methods[:3]
-        sane_methods = {m: make_method(m, loaded.model, layer=layer_for(m, loaded), **method_options(m, loaded))
-                        for m in sane}
+        sane_methods = {m: evaluated_method(m, loaded) for m in sane}
         groups = loaded.profile.randomization_groups(loaded.model) if loaded.profile.randomization_groups else None
         xs, ts = x[:k], targets[:k]
         summary["sanity"] = {
@@ -146,8 +138,7 @@ def evaluate(loaded: LoadedModel, out, methods: list[str] | None = None, images=
             row = {}
             for m in sane:
                 orig = sane_methods[m].attribute(xs, ts).maps
-                other = make_method(m, rand.model, layer=layer_for(m, loaded),
-                                    **method_options(m, loaded)).attribute(xs, ts).maps
+                other = evaluated_method(m, loaded, rand.model).attribute(xs, ts).maps
                 row[m] = sanity.similarity(orig, other)
             summary["sanity"]["data_randomization"] = row
         timings["sanity"] = time.perf_counter() - start
