@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import ConvlensError
+from .io import display
 from .runtime import tune_malloc
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
@@ -52,6 +53,48 @@ def str_list(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+def pair_list(text: str) -> list[tuple[int, int]]:
+    """'1+7,4+9' → [(1, 7), (4, 9)]."""
+    pairs = []
+    for part in str_list(text):
+        a, plus, b = part.partition("+")
+        if not (plus and a.strip().isdigit() and b.strip().isdigit()):
+            raise argparse.ArgumentTypeError(f"{part!r} is not a pair of class indices like 1+7")
+        pairs.append((int(a), int(b)))
+    return pairs
+
+
+def positive_int(text: str) -> int:
+    value = _int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text!r}")
+    return value
+
+
+MAX_SEED = 2**32 - 1
+
+
+def seed_int(text: str) -> int:
+    value = _int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{MAX_SEED}, got {text!r}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
 def set_threads(threads: int | None) -> None:
     """Pick the thread count once, at start-up (changing it later slows torch down badly)."""
     import torch
@@ -70,7 +113,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     recipe = make_recipe(a.recipe, a.epochs, a.batch_size, a.lr)
     metrics = train(a.out, recipe, seed=a.seed, resume=a.resume, progress=not a.quiet, subset=a.subset)
     print(f"test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}")
-    print(Path(a.out) / "model.pt")
+    print(display(Path(a.out) / "model.pt"))
     return 0
 
 
@@ -89,18 +132,15 @@ def cmd_summary(a: argparse.Namespace) -> int:
 @command
 def cmd_predict(a: argparse.Namespace) -> int:
     from .data.images import sample_photo_paths
-    from .explain import format_table, load_batch, predict, prediction_rows
+    from .explain import format_table, predict_files
     from .io import write_json
 
-    if a.top <= 0:
-        raise ConvlensError("--top must be positive")
     loaded = model_from(a)
-    batch = load_batch(a.images or sample_photo_paths(), loaded)
-    rows = prediction_rows(loaded, batch.paths, predict(loaded, batch.x), a.top)
-    print(format_table(rows))
+    rows, failures = predict_files(loaded, a.images or sample_photo_paths(), a.top)
     if a.json:
         write_json(a.json, rows)
-    return 1 if batch.failures else 0
+    print(format_table(rows))
+    return 1 if failures else 0
 
 
 @command
@@ -110,8 +150,8 @@ def cmd_explain(a: argparse.Namespace) -> int:
 
     loaded = model_from(a)
     summary = explain(loaded, a.images or sample_photo_paths(), a.out, a.methods, a.target, a.layer,
-                      progress=not a.quiet)
-    print(Path(a.out) / "predictions.json")
+                      progress=not a.quiet, batch_size=a.batch_size)
+    print(display(Path(a.out) / "predictions.json"))
     return 1 if summary["skipped"] else 0
 
 
@@ -120,7 +160,7 @@ def cmd_featuremaps(a: argparse.Namespace) -> int:
     from .analysis import featuremaps
 
     featuremaps(model_from(a), a.out, a.layers, a.digit, a.index, a.image)
-    print(Path(a.out) / "featuremaps.json")
+    print(display(Path(a.out) / "featuremaps.json"))
     return 0
 
 
@@ -128,9 +168,9 @@ def cmd_featuremaps(a: argparse.Namespace) -> int:
 def cmd_stats(a: argparse.Namespace) -> int:
     from .analysis import statistics
 
-    statistics(model_from(a), a.out, a.layers, a.split, a.correct_only, a.data, a.limit, not a.quiet)
-    print(Path(a.out) / "stats.json")
-    return 0
+    summary = statistics(model_from(a), a.out, a.layers, a.split, a.correct_only, a.data, a.limit, not a.quiet)
+    print(display(Path(a.out) / "stats.json"))
+    return 1 if summary.get("skipped") else 0
 
 
 @command
@@ -138,15 +178,13 @@ def cmd_actmax(a: argparse.Namespace) -> int:
     from .featvis.run import actmax
 
     loaded = model_from(a)
-    pairs = [tuple(int(v) for v in p.split("+")) for p in a.pairs] if a.pairs else []
-    if any(len(p) != 2 for p in pairs):
-        raise ConvlensError("--pairs takes pairs like 1+7,4+9")
+    pairs = a.pairs or []
     if a.channels and not a.layer:
         raise ConvlensError("--channels needs --layer")
     classes = a.classes if a.classes is not None else list(range(min(10, len(loaded.class_names))))
     actmax(loaded, a.out, classes, a.tv_weights, pairs, a.layer, a.channels or ([] if not a.layer else list(range(9))),
            a.steps, a.mode, a.seed, a.param, not a.quiet)
-    print(Path(a.out) / "actmax.json")
+    print(display(Path(a.out) / "actmax.json"))
     return 0
 
 
@@ -161,8 +199,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     for name, r in rows.items():
         print(f"{name:<26}{r['deletion_auc']:>9.3f}{r['insertion_auc']:>10.3f}{r['average_drop']:>9.1f}"
               f"{r['increase_in_confidence']:>10.1f}{r['seconds_per_image']:>9.3f}")
-    print(Path(a.out) / "evaluation.json")
-    return 0
+    print(display(Path(a.out) / "evaluation.json"))
+    return 1 if summary.get("skipped") else 0
 
 
 @command
@@ -198,19 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .models.registry import DEFAULT_RUN
 
-    parser = argparse.ArgumentParser(prog="convlens", description="See what a CNN has learned and why it decides.")
+    parser = Parser(prog="convlens", description="See what a CNN has learned and why it decides.")
     parser.add_argument("--version", action="version", version=f"convlens {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=SubParser)
 
     p = sub.add_parser("train", help="train the lab network on the shipped MNIST")
     p.add_argument("--out", default=DEFAULT_RUN)
     p.add_argument("--recipe", default="best", choices=["lab", "best"])
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--subset", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--subset", type=positive_int, help=argparse.SUPPRESS)
 
     p = sub.add_parser("summary", help="the architecture table (lab network) or any model's profile and layers")
     add_common(p)
@@ -218,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="top-k predictions for images (table like the report's)")
     p.add_argument("images", nargs="*", help="image files or folders (default: the shipped photos)")
     add_common(p, "efficientnet-lite0")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=positive_int, default=5)
     p.add_argument("--json", help="also write the rows to this JSON file")
 
     p = sub.add_parser("explain", help="attribution maps (Grad-CAM, guided Grad-CAM, …) for images")
@@ -227,12 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", type=str_list, help="comma-separated; default: " + "gradcam,guided-gradcam,…")
     p.add_argument("--target", help="class index or name, or 'predicted' (default)")
     p.add_argument("--layer", help="module path of the CAM layer (default: automatic)")
+    p.add_argument("--batch-size", type=positive_int,
+                   help="images per batch (default: as many as fit in memory, at most 32)")
 
     p = sub.add_parser("featuremaps", help="feature maps of one input and of every digit; l1 kernels")
     add_common(p, DEFAULT_RUN, "convlens-out/featuremaps")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--digit", type=int, help="first test image of this digit (default 7)")
-    group.add_argument("--index", type=int, help="test image index")
+    group.add_argument("--index", type=nonnegative_int, help="test image index")
     group.add_argument("--image", help="an image file")
     p.add_argument("--layers", type=str_list, help="module paths (default l1,l2,l3)")
 
@@ -242,53 +282,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="a labelled image folder (one sub-folder per class) instead of MNIST")
     p.add_argument("--correct-only", action="store_true", help="only correctly classified samples")
     p.add_argument("--layers", type=str_list, help="module paths (default l1,l2,l3)")
-    p.add_argument("--limit", type=int, help="only the first N samples")
+    p.add_argument("--limit", type=positive_int, help="only the first N samples")
 
     p = sub.add_parser("actmax", help="activation maximization: tv-weight sweep, pairs, channels")
     add_common(p, DEFAULT_RUN, "convlens-out/actmax")
     p.add_argument("--classes", type=int_list, help="e.g. 0-9 (default)")
     p.add_argument("--tv-weights", type=float_list, default=[0.125, 0.25, 0.5, 1, 2, 4, 8, 16])
-    p.add_argument("--pairs", type=str_list, default=["1+7", "4+9", "0+1", "7+8"])
+    p.add_argument("--pairs", type=pair_list, default="1+7,4+9,0+1,7+8")
     p.add_argument("--layer", help="conv layer for channel images")
     p.add_argument("--channels", type=int_list, help="e.g. 0-8")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=positive_int, default=200)
     p.add_argument("--mode", choices=["default", "kerasvis"], default="default")
     p.add_argument("--param", choices=["pixel", "fourier"], default="pixel", help="fourier: colour models")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
 
     p = sub.add_parser("evaluate", help="faithfulness: deletion/insertion, confidence drop, sanity checks")
     add_common(p, DEFAULT_RUN, "convlens-out/evaluate")
     p.add_argument("--methods", type=str_list, help="comma-separated, or 'all'")
     p.add_argument("--images", nargs="+", help="image files or folders (default: MNIST test or the photos)")
-    p.add_argument("--mnist-test", type=int, default=100, help="first N MNIST test images (lab network)")
-    p.add_argument("--steps", type=int, help="perturbation steps per curve")
-    p.add_argument("--sanity-images", type=int, help="images for the sanity checks (0: skip)")
+    p.add_argument("--mnist-test", type=positive_int, default=100, help="first N MNIST test images (lab network)")
+    p.add_argument("--steps", type=positive_int, help="perturbation steps per curve")
+    p.add_argument("--sanity-images", type=nonnegative_int, help="images for the sanity checks (0: skip)")
     p.add_argument("--no-data-randomization", action="store_true", help="skip the random-label model")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
 
     p = sub.add_parser("report", help="the lab's whole study of any CNN on a labelled folder → HTML report")
     add_common(p, None, "convlens-out/report")
     p.add_argument("--data", required=True, help="a labelled image folder (one sub-folder per class)")
     p.add_argument("--methods", type=str_list, help="explanation methods (default: gradcam,guided-gradcam,…)")
-    p.add_argument("--per-class", type=int, default=2, help="images explained per class (default 2)")
-    p.add_argument("--limit", type=int, help="use at most N images of the folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-class", type=positive_int, default=2, help="images explained per class (default 2)")
+    p.add_argument("--limit", type=positive_int, help="use at most N images of the folder")
+    p.add_argument("--seed", type=seed_int, default=0)
 
     p = sub.add_parser("lab", help="the whole PW-11 lab → a self-contained HTML report")
     p.add_argument("--out", default="convlens-out/lab")
     p.add_argument("--retrain", action="store_true", help="train again even if DIR/train has a model")
     p.add_argument("--fast", action="store_true", help="tiny training and subsets (about a minute)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
 
     return parser
 
 
-class SubParser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (exit 2), like every other convlens error."""
+
+    def error(self, message: str):
+        text = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {text} (see {self.prog} --help)\n")
+
+
+class SubParser(Parser):
     """Every subcommand accepts the shared options --threads and --quiet."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.add_argument("--threads", type=int, default=None, help="torch threads, fixed at start-up")
+        self.add_argument("--threads", type=positive_int, default=None, help="torch threads, fixed at start-up")
         self.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -311,23 +359,81 @@ def use_file_backend() -> None:
     matplotlib.use("Agg")
 
 
+# files each command writes into --out, checked before any work
+FINAL_OUTPUTS = {"train": ["model.pt", "checkpoint.pt", "metrics.json"], "explain": ["predictions.json", "maps.npz"],
+                 "featuremaps": ["featuremaps.json"], "stats": ["stats.json", "stats.npz"],
+                 "actmax": ["actmax.json"], "evaluate": ["evaluation.json"], "lab": ["index.html", "summary.json"],
+                 "report": ["index.html", "summary.json"]}
+RESUMABLE = {"train", "lab", "report"}  # keep what they wrote: a re-run continues from it
+
+
+def check_outputs(a: argparse.Namespace) -> None:
+    """What can be checked about the outputs before any work: folders, files in the way, --json."""
+    from .io import check_out_not_input, check_output_dir, check_output_file
+
+    if getattr(a, "json", None):
+        check_output_file(a.json, "--json")
+    out = getattr(a, "out", None)
+    if out is None:
+        return
+    check_output_dir(out)
+    for name in FINAL_OUTPUTS.get(a.command, []):
+        check_output_file(Path(out) / name)
+    images = getattr(a, "images", None)
+    if images:
+        check_out_not_input(out, images)
+
+
+def allocation_message(exc: BaseException) -> str | None:
+    """One line for an allocator failure (MemoryError or torch's "can't allocate"/"out of memory")."""
+    import re
+
+    text = str(exc)
+    if not isinstance(exc, MemoryError) and not re.search(r"out of memory|can't allocate|cannot allocate", text, re.I):
+        return None
+    size = re.search(r"allocate (\d+) bytes", text)
+    tried = f" (an allocation of {int(size.group(1)) / 2**30:.1f} GiB failed)" if size else ""
+    return f"out of memory{tried}; use fewer or smaller images, or --batch-size where the command has it"
+
+
+def quiet_broken_pipe() -> int:
+    """stdout's reader went away (``| head -1``): stop quietly, as a SIGPIPE-killed tool does."""
+    import os
+
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .io import rollback_on_error
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         use_file_backend()
         tune_malloc()
         set_threads(args.threads)
-        with one_line_warnings():
-            return COMMANDS[args.command](args) or 0
+        check_outputs(args)
+        guard = contextlib.nullcontext() if args.command in RESUMABLE else rollback_on_error()
+        with guard, one_line_warnings():
+            code = COMMANDS[args.command](args) or 0
+        sys.stdout.flush()
+        return code
     except ConvlensError as exc:
         print(f"convlens: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return quiet_broken_pipe()
     except KeyboardInterrupt:
         print("convlens: interrupted", file=sys.stderr)
         return 130
-    except MemoryError:
-        print("convlens: error: out of memory (try a smaller batch)", file=sys.stderr)
+    except (MemoryError, RuntimeError) as exc:
+        message = allocation_message(exc)
+        if message is None:
+            raise
+        print(f"convlens: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -7,19 +7,22 @@ from __future__ import annotations
 import inspect
 import json
 import re
-import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .attribution import METHODS, make_method, method_info, uses_layer
-from .data.images import expand_image_paths, open_image, package_photos_dir
+from .batching import (MAX_BATCH, BatchPlan, SkipReporter, activation_bytes, available_bytes, iter_image_batches,
+                       plan_batch_size)
+from .data.images import expand_image_paths, package_photos_dir
 from .errors import ConvlensError
 from .attribution.base import select_output
 from .hooks import evaluating, resolve_layer
-from .io import ensure_dir, save_npz, write_json
+from .io import NpzStream, check_out_not_input, display, distinct_stems, ensure_dir, write_json
 from .models.registry import LoadedModel
 from .progress import progress as progress_of
 
@@ -35,19 +38,38 @@ class Batch:
     failures: list[str]
 
 
+def image_mode(loaded: LoadedModel) -> str:
+    return loaded.profile.image_mode
+
+
 def load_batch(items, loaded: LoadedModel) -> Batch:
-    """Preprocess every readable image; unreadable ones are listed in ``failures``."""
-    paths, tensors, failures = [], [], []
-    for path in expand_image_paths(items):
-        try:
-            tensors.append(loaded.preprocess(open_image(path, loaded.profile.image_mode)))
-            paths.append(path)
-        except ConvlensError as exc:
-            failures.append(str(exc))
-            print(f"convlens: skipped: {exc}", file=sys.stderr)
-    if not tensors:
-        raise ConvlensError("none of the given images could be read")
-    return Batch(paths, torch.stack(tensors), failures)
+    """Preprocess every readable image into one tensor; unreadable ones are listed in ``failures``."""
+    paths = expand_image_paths(items)
+    reporter = SkipReporter()
+    batches = list(iter_image_batches(paths, image_mode(loaded), loaded.preprocess, len(paths), reporter))
+    indices, x = batches[0]
+    return Batch([paths[i] for i in indices], x, reporter.failures)
+
+
+def predict_files(loaded: LoadedModel, items, top: int, batch_size: int = MAX_BATCH) -> tuple[list[dict], list[str]]:
+    """Prediction rows of every readable image, read ``batch_size`` at a time; and the failures."""
+    paths = expand_image_paths(items)
+    names = display_names(paths)
+    reporter = SkipReporter()
+    rows = []
+    for indices, x in iter_image_batches(paths, image_mode(loaded), loaded.preprocess, batch_size, reporter):
+        batch_rows = prediction_rows(loaded, [paths[i] for i in indices], predict(loaded, x), top)
+        for row, i in zip(batch_rows, indices):
+            row["image"] = names[i]
+        rows += batch_rows
+    return rows, reporter.failures
+
+
+def display_names(paths: list[Path]) -> list[str]:
+    """File names as printable text; the whole given path where two inputs share a name."""
+    names = [display(p.name) for p in paths]
+    counts = Counter(names)
+    return [name if counts[name] == 1 else display(path) for name, path in zip(names, paths)]
 
 
 def shipped_expectations() -> dict:
@@ -108,11 +130,11 @@ def parse_target(text: str | None, loaded: LoadedModel) -> int | None:
     if text.lstrip("-").isdigit():
         value = int(text)
         if not 0 <= value < len(loaded.class_names):
-            raise ConvlensError(f"target {value} out of range 0..{len(loaded.class_names) - 1}")
+            raise ConvlensError(f"--target {value}: out of range 0..{len(loaded.class_names) - 1}")
         return value
     matches = [i for i, name in enumerate(loaded.class_names) if name.lower() == text.lower()]
     if not matches:
-        raise ConvlensError(f"unknown target class {text!r}")
+        raise ConvlensError(f"--target {text!r}: unknown class name or index")
     return matches[0]
 
 
@@ -138,43 +160,97 @@ def run_methods(loaded: LoadedModel, x: torch.Tensor, methods: list[str], target
     return {"results": results, "seconds": seconds}
 
 
+# more images than this: contact sheets (20 images a page) instead of one matplotlib figure per image
+# (~1-2 s each on 2 cores: 100 images took 227 s, 1,000 images on sheets 124 s, bench/explain_memory.py)
+CONTACT_SHEET_THRESHOLD = 24
+
+
 def explain(loaded: LoadedModel, items, out: str | Path, methods: list[str] | None = None,
             target: str | None = None, layer: str | None = None, progress: bool = True,
-            overlays: list[str] | None = None) -> dict:
-    """Predictions, per-image overlays (of ``overlays``, default every method), side-by-side figures and
-    raw maps into ``out``."""
-    from .plots.attribution import method_panel, plot_methods, plot_overlay, shows_sign
+            overlays: list[str] | None = None, batch_size: int | None = None) -> dict:
+    """Predictions, one side-by-side figure per image (contact sheets past CONTACT_SHEET_THRESHOLD
+    images), overlays of the methods in ``overlays`` (default none), and every raw map in ``maps.npz``
+    (rows in the order of ``summary["predictions"]``), all in ``out``.
 
-    out = ensure_dir(out)
+    Images go through in batches of ``batch_size`` (default: what fits in memory, at most 32), so
+    memory stays flat in the number of images.
+    """
+    from .plots.attribution import ContactSheets
+
     methods = methods or DEFAULT_METHODS
     for name in methods:
         make_method(name, loaded.model)  # validate names before any work
     if layer is not None:
         resolve_layer(loaded.model, layer)
-    batch = load_batch(items, loaded)
     target_index = parse_target(target, loaded)
-    probs = predict(loaded, batch.x)
-    rows = prediction_rows(loaded, batch.paths, probs, 5)
-    run = run_methods(loaded, batch.x, methods, target_index, layer, progress)
-    figures = {}
-    for i, path in enumerate(progress_of(batch.paths, desc="figures", unit="image", enabled=progress)):
-        image = loaded.deprocess(batch.x[i])
-        stem = path.stem
-        first = run["results"][methods[0]]
-        label = loaded.class_names[int(first.targets[i])] if first.target.is_class else "custom target"
-        raws = {name: res.raw[i].cpu().numpy() for name, res in run["results"].items()}
-        panels = {name: method_panel(name, image, raws[name], res.maps[i].cpu().numpy())
-                  for name, res in run["results"].items()}
-        figures[path.name] = {"overlays": {}}
-        for name in overlays or methods:
-            figures[path.name]["overlays"][name] = str(plot_overlay(
-                image, panels[name], f"{name}: {label}", out / f"{stem}_{name}.png", shows_sign(name)).name)
-        figures[path.name]["methods"] = plot_methods(image, panels, f"{path.name}: {label}",
-                                                     out / f"{stem}_methods.png").name
-        save_npz(out / f"{stem}_maps.npz", **{f"{name}_raw": raws[name] for name in methods},
-                 **{f"{name}_map": run["results"][name].maps[i].cpu().numpy() for name in methods})
+    paths = expand_image_paths(items)
+    check_out_not_input(out, items)
+    plan = explain_plan(loaded, methods, batch_size)
+    names, stems = display_names(paths), distinct_stems(paths)
+    out = ensure_dir(out)
+    sheets = ContactSheets(out, methods) if len(paths) > CONTACT_SHEET_THRESHOLD else None
+    store = NpzStream(out / "maps.npz")
+    reporter = SkipReporter()
+    rows, figures, layers = [], {}, {}
+    seconds = dict.fromkeys(methods, 0.0)
+    bar = progress_of(desc="images", total=len(paths), unit="image", enabled=progress)
+    try:
+        for indices, x in iter_image_batches(paths, image_mode(loaded), loaded.preprocess, plan.batch_size,
+                                             reporter):
+            run = run_methods(loaded, x, methods, target_index, layer, progress=False)
+            batch_rows = prediction_rows(loaded, [paths[i] for i in indices], predict(loaded, x), 5)
+            for k, (row, i) in enumerate(zip(batch_rows, indices)):
+                row.update(image=names[i], output=stems[i])
+                figures[names[i]] = image_figures(loaded, x[k], k, run, methods, overlays, sheets, out,
+                                                  names[i], stems[i])
+            rows += batch_rows
+            store.append(images=np.array([names[i] for i in indices], dtype="U256"),
+                         **{f"{m}_raw": run["results"][m].raw.detach().cpu().numpy() for m in methods},
+                         **{f"{m}_map": run["results"][m].maps.detach().cpu().numpy() for m in methods})
+            for m in methods:
+                seconds[m] += run["seconds"][m]
+                layers[m] = run["results"][m].layer
+            bar.update(len(indices))
+        if sheets is not None:
+            sheets.flush()
+        store.close()
+    finally:
+        store.discard()
+        bar.close()
     summary = {"model": loaded.name, "methods": methods, "predictions": rows, "figures": figures,
-               "seconds": run["seconds"], "skipped": batch.failures,
-               "layers": {n: r.layer for n, r in run["results"].items()}}
+               "maps": "maps.npz", "seconds": seconds, "skipped": reporter.failures, "layers": layers,
+               "batch_size": plan.batch_size}
     write_json(out / "predictions.json", summary)
     return summary
+
+
+def explain_plan(loaded: LoadedModel, methods: list[str], batch_size: int | None) -> BatchPlan:
+    """How many images per batch, from the model's activation size on a blank input."""
+    from PIL import Image
+
+    sample = loaded.preprocess(Image.new(image_mode(loaded), (256, 256)))
+    pixels = sample.shape[-1] * sample.shape[-2]
+    result_bytes = len(methods) * 4 * pixels * (sample.shape[0] + 2)  # raw (≤ C×H×W) + map + normalized
+    inner = max([method_info(m).fast_options.get("batch_size", 0) for m in methods] + [0])
+    return plan_batch_size(activation_bytes(loaded.model, sample.to(loaded.device)), result_bytes, inner, batch_size,
+                           available_bytes())
+
+
+def image_figures(loaded: LoadedModel, x: torch.Tensor, k: int, run: dict, methods: list[str],
+                  overlays: list[str] | None, sheets, out: Path, name: str, stem: str) -> dict:
+    """Figures of the k-th image of a batch: its side-by-side figure (or contact-sheet row) and overlays."""
+    from .plots.attribution import method_panel, plot_methods, plot_overlay, shows_sign
+
+    image = loaded.deprocess(x)
+    first = run["results"][methods[0]]
+    label = loaded.class_names[int(first.targets[k])] if first.target.is_class else "custom target"
+    panels = {m: method_panel(m, image, run["results"][m].raw[k].detach().cpu().numpy(),
+                              run["results"][m].maps[k].detach().cpu().numpy()) for m in methods}
+    if sheets is not None:
+        return sheets.add(f"{name}: {label}", image, panels)
+    figure = {"overlays": {}}
+    for m in overlays or []:
+        figure["overlays"][m] = plot_overlay(image, panels[m], f"{m}: {label}", out / f"{stem}_{m}.png",
+                                             shows_sign(m)).name
+    figure["methods"] = plot_methods(image, panels, f"{name}: {label}", out / f"{stem}_methods.png").name
+    return figure

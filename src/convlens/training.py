@@ -20,12 +20,17 @@ import torch.nn.functional as F
 from . import __version__
 from .data.mnist import load_mnist, train_val_split
 from .errors import ConvlensError
+from .integrity import digest_record
 from .io import ensure_dir, save_torch, write_json
 from .models.labnet import LabNet
 from .models.registry import CHECKPOINT_FORMAT, load_checkpoint
 from .progress import progress as progress_of
 
 VAL_SIZE = 5000
+
+
+class ResumeMismatch(ConvlensError):
+    """The checkpoint to resume from was made with another recipe or seed."""
 
 
 @dataclass(frozen=True)
@@ -152,8 +157,9 @@ def run_metadata(recipe: Recipe, seed: int) -> dict:
 
 
 def checkpoint_dict(model, meta: dict, **extra) -> dict:
-    return {"format": CHECKPOINT_FORMAT, "arch": "labnet",
-            "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}, "meta": meta, **extra}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"format": CHECKPOINT_FORMAT, "arch": "labnet", "state_dict": state, "digest": digest_record(state),
+            "meta": meta, **extra}
 
 
 def prepare_data(seed: int, subset: int | None = None, data_dir: str | None = None, random_labels: bool = False):
@@ -186,7 +192,7 @@ def train(out: str | Path, recipe: Recipe, seed: int = 0, resume: bool = False, 
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
         if ckpt["meta"].get("recipe") != meta["recipe"] or ckpt["meta"].get("seed") != seed:
-            raise ConvlensError(f"{ckpt_path}: was made with another recipe or seed; drop --resume or use a new --out")
+            raise ResumeMismatch(f"{ckpt_path}: was made with another recipe or seed; drop --resume or use a new --out")
         model.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
         history, start, best = ckpt["history"], ckpt["epoch"], ckpt["best"]

@@ -6,6 +6,7 @@ there are as many folders as model outputs, the sorted folders are the classes 0
 """
 from __future__ import annotations
 
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConvlensError
+from ..io import display, file_kind, stat_input
 from .images import IMAGE_SUFFIXES, open_image
 
 
@@ -47,8 +49,9 @@ def is_labelled_folder(path: str | Path) -> bool:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Image files of a folder (regular files only: pipes and devices are left out), sorted."""
-    return sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+    """Entries of a folder named like images, sorted. What is not a regular image file (a sub-folder
+    named 'x.png', a pipe, a device) stays in, to be named and skipped when read (never opened)."""
+    return sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def match_classes(folders: list[str], class_names: list[str]) -> tuple[list[int], list[str]]:
@@ -68,8 +71,9 @@ def match_classes(folders: list[str], class_names: list[str]) -> tuple[list[int]
 def scan_labelled_folder(root: str | Path, class_names: list[str]) -> tuple[LabelledFolder, list[str]]:
     """The folder's classes and images; returns it with the class names to show."""
     root = Path(root)
-    if not root.is_dir():
-        raise ConvlensError(f"{root}: no such folder")
+    mode = stat_input(root).st_mode
+    if not stat.S_ISDIR(mode):
+        raise ConvlensError(f"{display(root)}: is {file_kind(mode)}, not a folder of class sub-folders")
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise ConvlensError(f"{root}: expected one sub-folder per class, found none")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -13,6 +14,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ..errors import ConvlensError
+from ..io import check_input_file, display, file_kind, stat_input
 
 MAX_IMAGE_PIXELS = 64_000_000  # decompression-bomb limit
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -56,42 +58,79 @@ def to_mode(img: Image.Image, mode: str) -> Image.Image:
 
 
 def open_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
-    """Open an image file, apply its EXIF orientation and convert it to ``mode``."""
-    path = Path(path)
+    """Open an image file, apply its EXIF orientation and convert it to ``mode``.
+
+    Refused with one clear error: what is not a regular file (checked before opening: a named
+    pipe would block), more than MAX_IMAGE_PIXELS, a PNG too short for the size its header
+    claims (refused before decoding), and NaN or infinite pixels in float images.
+    """
+    path = check_input_file(path, "image file")
+    name = display(path)
     old_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
+                check_png_size(img, path.stat().st_size, name)
                 img.load()
                 img = ImageOps.exif_transpose(img)
+                check_finite(img, name)
                 return to_mode(img, mode)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ConvlensError(f"{path}: image too large (over {MAX_IMAGE_PIXELS:,} pixels)") from None
+        raise ConvlensError(f"{name}: image too large (over {MAX_IMAGE_PIXELS:,} pixels)") from None
     except FileNotFoundError:
-        raise ConvlensError(f"{path}: no such file") from None
+        raise ConvlensError(f"{name}: no such file or folder") from None
+    except ConvlensError:
+        raise
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ConvlensError(f"{path}: not a readable image ({exc})") from None
+        raise ConvlensError(f"{name}: not a readable image ({display(str(exc))})") from None
     finally:
         Image.MAX_IMAGE_PIXELS = old_limit
 
 
+DEFLATE_MAX_RATIO = 1032  # deflate cannot compress better than about 1032:1
+
+
+def check_png_size(img: Image.Image, file_bytes: int, name: str) -> None:
+    """A PNG holds at least height × ⌈width/8⌉ bytes of deflated pixel rows, so a file smaller than
+    that / 1032 is truncated or lying about its size: refused before a big buffer is allocated."""
+    if img.format != "PNG":
+        return
+    width, height = img.size
+    least_raw = height * (1 + (width + 7) // 8)
+    if file_bytes * DEFLATE_MAX_RATIO < least_raw:
+        raise ConvlensError(f"{name}: truncated or corrupt PNG (header says {width}×{height} pixels, "
+                            f"the file has only {file_bytes:,} bytes)")
+
+
+def check_finite(img: Image.Image, name: str) -> None:
+    if img.mode == "F":
+        arr = np.asarray(img)
+        if not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise ConvlensError(f"{name}: {bad:,} pixel(s) are NaN or infinite")
+
+
 def expand_image_paths(items: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given, folders expanded to their image files (sorted)."""
+    """Files as given, folders expanded to their regular image files (sorted; sub-folders not entered).
+
+    A given path that is neither a folder nor a regular file (a pipe, a device) is an error.
+    """
     paths: list[Path] = []
     for item in items:
         p = Path(item)
-        if p.is_dir():
+        st = stat_input(p)
+        if stat.S_ISDIR(st.st_mode):
             own = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
             if not own:  # a labelled folder: the images of its class sub-folders
                 own = sorted(q for d in sorted(p.iterdir()) if d.is_dir() and not d.name.startswith(".")
                              for q in d.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
             paths += own
-        elif p.exists():
+        elif stat.S_ISREG(st.st_mode):
             paths.append(p)
         else:
-            raise ConvlensError(f"{p}: no such file or folder")
+            raise ConvlensError(f"{display(p)}: is {file_kind(st.st_mode)}, not an image file or folder")
     if not paths:
         raise ConvlensError("no image files given")
     return paths

@@ -17,6 +17,8 @@ from torch import nn
 
 from ..data.images import mnist_deprocess, mnist_preprocess
 from ..errors import ConvlensError
+from ..integrity import verify_checkpoint
+from ..io import check_input_file, stat_input
 from .efficientnet_lite import IMAGE_SIZE, efficientnet_lite0, stage_groups
 from .labnet import LabNet
 from .profile import EvaluationDefaults, ModelProfile, Preprocessing, profile_for, read_profile_json
@@ -92,7 +94,7 @@ def lite0_profile() -> ModelProfile:
 # ------------------------------------------------------------------ checkpoints of the lab network
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a convlens checkpoint safely (``weights_only=True``) and check its format."""
-    path = Path(path)
+    path = check_input_file(path, "checkpoint file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -101,6 +103,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise ConvlensError(f"{path}: not a convlens checkpoint ({type(exc).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "state_dict" not in ckpt:
         raise ConvlensError(f"{path}: not a convlens checkpoint")
+    verify_checkpoint(ckpt, str(path))
     return ckpt
 
 
@@ -123,6 +126,8 @@ def checkpoint_path_for(spec: str) -> Path:
         if not path.is_file():
             raise ConvlensError(f"{spec}: no model.pt in this folder (train one with `convlens train --out {spec}`)")
     elif not path.exists():
+        if os.path.islink(path):
+            stat_input(path)  # a dangling or looping link, worded like every other input
         hint = " (train one first: `convlens train`)" if spec == DEFAULT_RUN else ""
         raise ConvlensError(f"model {spec!r}: no such run folder, checkpoint, factory or ONNX file{hint}")
     return path

@@ -152,3 +152,57 @@ def plot_methods(image: np.ndarray, panels: dict[str, np.ndarray], title: str, p
     if any(shows_sign(name) for name in panels):
         fig.supxlabel(SIGNED_NOTE, fontsize=8)
     return save_figure(fig, path)
+
+
+class ContactSheets:
+    """Many images on few pages: one row per image (input, then one panel per method, see
+    ``method_panel``), ``rows`` rows per page, written as ``sheet-001.png``, ``sheet-002.png``… Drawn
+    with Pillow (no axes), so a thousand images cost seconds, not minutes."""
+
+    def __init__(self, out: str | Path, methods: list[str], rows: int = 20, cell: int = 96, label: int = 14):
+        self.out, self.methods, self.rows, self.cell, self.label = Path(out), methods, rows, cell, label
+        self.page: list[tuple[str, list[np.ndarray]]] = []
+        self.count = 0
+
+    def add(self, caption: str, image: np.ndarray, panels: dict[str, np.ndarray]) -> dict:
+        """Queue one image's row; returns where it lands: {"sheet": file name, "row": index}."""
+        self.page.append((caption, [to_rgb(image)] + [panels[m] for m in self.methods]))
+        where = {"sheet": self.name(self.count // self.rows), "row": len(self.page) - 1}
+        self.count += 1
+        if len(self.page) == self.rows:
+            self.flush()
+        return where
+
+    def name(self, page: int) -> str:
+        return f"sheet-{page + 1:03d}.png"
+
+    def flush(self) -> None:
+        import io
+
+        from PIL import Image, ImageDraw
+
+        from ..io import write_bytes
+
+        if not self.page:
+            return
+        c, lab = self.cell, self.label
+        cols = 1 + len(self.methods)
+        sheet = Image.new("RGB", (cols * c, lab + len(self.page) * (c + lab)), "white")
+        draw = ImageDraw.Draw(sheet)
+        for j, title in enumerate(["input", *self.methods]):
+            draw.text((j * c + 2, 1), latin1(title[: c // 6]), fill="black")
+        for i, (caption, panels) in enumerate(self.page):
+            top = lab + i * (c + lab)
+            draw.text((2, top + 1), latin1(caption[: cols * c // 6]), fill="black")
+            for j, panel in enumerate(panels):
+                tile = Image.fromarray((np.clip(panel, 0, 1) * 255).astype(np.uint8)).resize((c, c), Image.NEAREST)
+                sheet.paste(tile, (j * c, top + lab))
+        buf = io.BytesIO()
+        sheet.save(buf, format="PNG")
+        write_bytes(self.out / self.name((self.count - 1) // self.rows), buf.getvalue())
+        self.page = []
+
+
+def latin1(text: str) -> str:
+    """Text Pillow's built-in bitmap font can draw."""
+    return text.encode("latin-1", "replace").decode("latin-1")

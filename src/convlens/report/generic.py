@@ -196,13 +196,17 @@ weights ({am['steps']} steps, seed {am['seed']}). Chosen weight {chosen:g}: {esc
 
 
 def section_explain(ex: dict) -> str:
-    rows, per_image = [], []
+    rows, per_image, sheets = [], [], []
     for r in ex["predictions"]:
         ok = "" if r["ok"] is None else ('<span class="ok">TRUE</span>' if r["ok"] else '<span class="bad">FALSE</span>')
         rows.append([esc(r["image"]), esc(r["expected"] or "–"), esc(r["predicted"]), f"{r['probability']:.3f}", ok])
         f = ex["figures"][r["image"]]
-        per_image.append(fig("explain/" + f["methods"], f"{esc(r['image'])}: every method side by side "
-                                                         f"(explaining {esc(r['predicted'])})."))
+        if "methods" in f:
+            per_image.append(fig("explain/" + f["methods"], f"{esc(r['image'])}: every method side by side "
+                                                             f"(explaining {esc(r['predicted'])})."))
+        elif f["sheet"] not in sheets:  # many images: contact sheets, one row per image
+            sheets.append(f["sheet"])
+            per_image.append(fig("explain/" + f["sheet"], "Every method side by side, one image per row."))
     return f"""
 <section id="explain"><h2>Why it decides: class activation maps and gradients</h2>
 {table(["image", "class folder", "predicted", "probability", "OK"], rows, {3})}

@@ -44,7 +44,7 @@ def run_stage(opts: LabOptions, name: str, key: dict, work: Callable[[Path], dic
 
 
 def stage_train(opts: LabOptions, timings: dict) -> tuple[dict, str]:
-    from ..training import make_recipe, train
+    from ..training import ResumeMismatch, make_recipe, train
 
     folder = opts.out / "train"
     model_path = folder / "model.pt"
@@ -56,8 +56,12 @@ def stage_train(opts: LabOptions, timings: dict) -> tuple[dict, str]:
 
     def work(dest: Path) -> dict:
         recipe = make_recipe("best", epochs=2 if opts.fast else None)
-        return train(dest, recipe, seed=opts.seed, resume=True, progress=opts.progress,
-                     subset=4000 if opts.fast else None)
+        try:
+            return train(dest, recipe, seed=opts.seed, resume=True, progress=opts.progress,
+                         subset=4000 if opts.fast else None)
+        except ResumeMismatch:
+            raise ConvlensError(f"{dest / 'checkpoint.pt'}: an unfinished training with another seed or "
+                                "--fast setting; run again with --retrain") from None
 
     metrics = run_stage(opts, "train", key, work, timings)
     if not model_path.exists():
@@ -111,11 +115,10 @@ def stage_exercise3(opts: LabOptions, timings: dict) -> dict:
         summary = explain(loaded, photos, folder, LAB_EXPLAIN_METHODS, progress=opts.progress,
                           overlays=["gradcam", "guided-gradcam"])
         spill = {}
-        for p in photos:
-            data = np.load(folder / f"{p.stem}_maps.npz")
-            cam = data["gradcam_map"]
+        data = np.load(folder / summary["maps"])
+        for row, cam in zip(summary["predictions"], data["gradcam_map"]):
             span = cam.max() - cam.min()
-            spill[p.name] = spill_fraction((cam - cam.min()) / span if span > 0 else np.zeros_like(cam))
+            spill[row["image"]] = spill_fraction((cam - cam.min()) / span if span > 0 else np.zeros_like(cam))
         summary["spill_outside_centre"] = spill
         return summary
 

@@ -3,13 +3,31 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Callable
 
 from torch import nn
 
-from ..io import ensure_dir, write_json
+from ..errors import ConvlensError
+from ..io import check_input_file, check_output_file, ensure_dir, write_json
+
+
+def read_marker(marker: Path) -> dict | None:
+    """A stage's ``stage.json`` when it is intact ({"key", "result"}); None when missing or damaged
+    (the stage then runs again and rewrites it). A folder or special file in its place is an error."""
+    if not os.path.lexists(marker):
+        return None
+    check_output_file(marker)
+    try:
+        check_input_file(marker, "stage marker")
+        cached = json.loads(marker.read_text("utf-8"))
+    except (OSError, ValueError, ConvlensError):
+        return None
+    if not isinstance(cached, dict) or "key" not in cached or "result" not in cached:
+        return None
+    return cached
 
 
 def run_stage(out: Path, name: str, key: dict, work: Callable[[Path], dict], timings: dict) -> dict:
@@ -17,14 +35,10 @@ def run_stage(out: Path, name: str, key: dict, work: Callable[[Path], dict], tim
     marker is computed again)."""
     folder = ensure_dir(out / name)
     marker = folder / "stage.json"
-    if marker.exists():
-        try:
-            cached = json.loads(marker.read_text("utf-8"))
-            if isinstance(cached, dict) and cached.get("key") == key and "result" in cached:
-                timings[name] = {"seconds": 0.0, "cached": True, "original_seconds": cached.get("seconds")}
-                return cached["result"]
-        except (OSError, ValueError):
-            pass
+    cached = read_marker(marker)
+    if cached is not None and cached["key"] == key:
+        timings[name] = {"seconds": 0.0, "cached": True, "original_seconds": cached.get("seconds")}
+        return cached["result"]
     start = time.perf_counter()
     result = work(folder)
     seconds = time.perf_counter() - start
