@@ -630,8 +630,8 @@ def test_cli_on_an_onnx_file(labnet_pair, tmp_path):
     proc = run_cli("explain", tmp_path / "digit.png", "--model", path, "--layer", "l3_relu_Relu",
                    "--methods", "gradcam,guided-backprop", "--out", out, "--quiet")
     assert proc.returncode == 0, proc.stderr
-    maps = np.load(out / "digit_maps.npz")
-    assert maps["gradcam_raw"].shape == (7, 7) and maps["guided-backprop_raw"].shape == (1, 28, 28)
+    maps = np.load(out / "maps.npz")
+    assert maps["gradcam_raw"].shape == (1, 7, 7) and maps["guided-backprop_raw"].shape == (1, 1, 28, 28)
 
     nms = helper.make_node("NonMaxSuppression", ["boxes", "scores"], ["y"], name="nms_1")
     graph = helper.make_graph([nms], "g", [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 4, 4]),
