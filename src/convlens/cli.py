@@ -214,6 +214,19 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 @command
+def cmd_serve(a: argparse.Namespace) -> int:
+    from .serve.app import ServeOptions, require_gradio, serve
+
+    require_gradio()  # before loading any model: a missing extra is one line, at once
+    if a.max_upload_mb <= 0 or a.max_upload_megapixels <= 0:
+        raise ConvlensError("upload limits must be positive")
+    serve(ServeOptions(model=a.model, photo_model=a.photo_model, host=a.host, port=a.port,
+                       max_upload_bytes=int(a.max_upload_mb * 1e6),
+                       max_upload_pixels=int(a.max_upload_megapixels * 1e6), actmax_steps=a.steps))
+    return 0
+
+
+@command
 def cmd_lab(a: argparse.Namespace) -> int:
     from .report.lab import LabOptions, run_lab
 
@@ -313,6 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=positive_int, default=2, help="images explained per class (default 2)")
     p.add_argument("--limit", type=positive_int, help="use at most N images of the folder")
     p.add_argument("--seed", type=seed_int, default=0)
+
+    p = sub.add_parser("serve", help="a local web page: draw digits, explain photos, browse statistics, actmax")
+    add_common(p, DEFAULT_RUN)
+    p.add_argument("--photo-model", default="efficientnet-lite0", help="model of the Photo tab (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload in MB (default: %(default)s)")
+    p.add_argument("--max-upload-megapixels", type=float, default=25.0,
+                   help="largest uploaded image in megapixels (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=200, help="activation-maximization steps")
 
     p = sub.add_parser("lab", help="the whole PW-11 lab → a self-contained HTML report")
     p.add_argument("--out", default="convlens-out/lab")
