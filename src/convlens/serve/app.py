@@ -121,11 +121,12 @@ def photo_handlers(gr, session: logic.Session, opts: ServeOptions, out_dir: Path
         table = [[i + 1, name, index, round(p, 4)] for i, (index, name, p) in enumerate(state.top)]
         radio = gr.Radio(choices=[(f"{name} ({p:.2f})", index) for index, name, p in state.top],
                          value=state.top[0][0])
-        return state, table, radio, gallery, npz, errors
+        picture = logic.to_uint8(session.loaded.deprocess(state.x[0]))
+        return state, picture, table, radio, gallery, npz, errors
 
     def on_upload(upload: str | None, methods: list[str]):
         if not upload:
-            return (gr.skip(),) * 6
+            return (gr.skip(),) * 7
         return new_photo(None, upload, methods)
 
     def on_choice(choice: str, methods: list[str]):
@@ -212,9 +213,12 @@ def build_app(sessions: Sessions, opts: ServeOptions, out_dir: Path):
             with gr.Row():
                 with gr.Column():
                     choice = gr.Dropdown(photos, value=None, label="a shipped photo", elem_id="photo-choice")
-                    upload = gr.Image(label=f"or upload one (≤ {opts.max_upload_bytes / 1e6:g} MB, "
-                                            f"≤ {opts.max_upload_pixels / 1e6:g} megapixels)",
-                                      type="filepath", sources=["upload", "clipboard"], elem_id="photo-upload")
+                    # a File, not an Image: Gradio would decode an Image upload before our limits apply
+                    upload = gr.File(label=f"or upload one (≤ {opts.max_upload_bytes / 1e6:g} MB, "
+                                           f"≤ {opts.max_upload_pixels / 1e6:g} megapixels)",
+                                     file_types=["image"], type="filepath", elem_id="photo-upload")
+                    photo_input = gr.Image(label="model input", interactive=False, height=240,
+                                           elem_id="photo-input")
                 with gr.Column():
                     top = gr.Dataframe(headers=["rank", "class", "index", "probability"], label="top 5",
                                        interactive=False, elem_id="photo-top")
@@ -226,7 +230,7 @@ def build_app(sessions: Sessions, opts: ServeOptions, out_dir: Path):
             npz = gr.File(label="raw maps (.npz)", interactive=False, elem_id="photo-npz")
             state = gr.State(None)
             on_upload, on_choice, re_explain = photo_handlers(gr, photo, opts, out_dir)
-            new_outputs = [state, top, target, photo_maps, npz, photo_errors]
+            new_outputs = [state, photo_input, top, target, photo_maps, npz, photo_errors]
             upload.upload(on_upload, [upload, photo_methods], new_outputs, **queue)
             choice.input(on_choice, [choice, photo_methods], new_outputs, **queue)
             for trigger in (target.input, photo_methods.input):
@@ -288,11 +292,14 @@ def serve(opts: ServeOptions, block: bool = True) -> Any:
     out_dir = Path(tempfile.mkdtemp(prefix="convlens-serve-"))
     demo = build_app(sessions, opts, out_dir)
     demo.queue(default_concurrency_limit=1, api_open=False)
-    print(f"convlens serve: http://{opts.host}:{opts.port}/  (Ctrl-C stops it)", flush=True)
     try:
-        return demo.launch(server_name=opts.host, server_port=opts.port, theme=offline_theme(gr),
-                           max_file_size=opts.max_upload_bytes, show_error=True, ssr_mode=False, quiet=True,
-                           footer_links=["settings"], prevent_thread_lock=not block, inbrowser=False,
-                           allowed_paths=[str(out_dir)], mcp_server=False, pwa=False)
+        demo.launch(server_name=opts.host, server_port=opts.port, theme=offline_theme(gr),
+                    max_file_size=opts.max_upload_bytes, show_error=True, ssr_mode=False, quiet=True,
+                    footer_links=["settings"], prevent_thread_lock=True, inbrowser=False,
+                    allowed_paths=[str(out_dir)], mcp_server=False, pwa=False)
     except OSError as exc:
         raise ConvlensError(f"cannot serve on {opts.host}:{opts.port}: {exc.strerror or exc}") from None
+    print(f"convlens serve: {demo.local_url}  (Ctrl-C stops it)", flush=True)
+    if block:
+        demo.block_thread()
+    return demo

@@ -363,7 +363,7 @@ def stats_view(session: Session, layer: str, cls: int) -> tuple[np.ndarray, list
         raise ConvlensError(f"class {cls} out of range")
     order = np.argsort(stat["rank"][cls], kind="stable")
     m = stat["mean_map"]
-    picture = feature_map_mosaic(m[cls, order], cols=min(len(order), 9), peak=float(m.max()))  # one scale for all classes
+    picture = feature_map_mosaic(m[cls, order], cols=min(len(order), 9), cell=96, peak=float(m.max()))  # one scale
     rows = [[int(stat["rank"][cls][k]), int(k), round(float(stat["score"][cls][k]), 4),
              round(float(stat["std"][cls][k]), 4), round(float(stat["contrast"][cls][k]), 4),
              round(float(stat["win_rate"][cls][k]), 4), round(float(stat["max"][cls][k]), 4)] for k in order]
