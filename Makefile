@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,onnx]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,onnx,serve]'
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps captum==0.9.0
 	touch $(STAMP)
 

@@ -126,7 +126,7 @@ def test_feature_map_mosaic_places_tiles_on_one_scale():
     acts = np.zeros((3, 4, 4))
     acts[1, 0, 0] = 2.0  # the peak: filter 1, top-left pixel
     acts[2, 3, 3] = 1.0
-    picture = logic.feature_map_mosaic(acts, cols=2, cell=4)  # 2 rows × 2 cols of 4×4 tiles, 1-px gaps
+    picture = logic.feature_map_mosaic(acts, cols=2)  # 2 rows × 2 cols of 4×4 tiles, 1-px gaps
     assert picture.shape == (9, 9, 3)
     table = (logic.colour_table("viridis") * 255 + 0.5).astype(np.uint8)
     np.testing.assert_array_equal(picture[0, 5], table[255])   # filter 1 peak → top of the scale
@@ -162,12 +162,12 @@ def test_draw_update_values(draw, lab_model):
     for name, p in zip(lab_model.class_names, probs):
         assert result.probabilities[name] == pytest.approx(float(p), abs=1e-6)
     cam = make_method("gradcam", lab_model.model, layer="l3").attribute(x, result.predicted)
-    expected = logic.map_overlay(result.image28, cam.normalized[0].numpy(), logic.CELL)
+    expected = logic.map_overlay(result.image28, cam.normalized[0].numpy())
     np.testing.assert_array_equal(result.method_maps["gradcam"], expected)
     assert set(result.method_maps) == {"gradcam", "saliency"} and result.errors == {}
     assert list(result.feature_maps) == ["l1", "l2", "l3"]
-    assert result.feature_maps["l1"].shape == (28 * 2, (28 * 9 + 8) * 2, 3)  # 9 filters in a row, 1-px gaps, ×2
-    assert result.rank_overlays["l2"].shape == (28 * logic.CELL, 28 * logic.CELL, 3)
+    assert result.feature_maps["l1"].shape == (28, 28 * 9 + 8, 3)  # 9 filters in a row, 1-px gaps
+    assert result.rank_overlays["l2"].shape == (28, 28, 3)
     assert count_hooks(lab_model.model) == 0
 
 

@@ -20,6 +20,9 @@ from ..errors import ConvlensError
 from . import logic
 
 MODEL_QUEUE = "model"
+# gallery pictures are sent at the network's own resolution (small PNGs: fast); the browser enlarges them, crisp
+CSS = ".pixelated img { image-rendering: pixelated; }"
+FEATURE_HEIGHT, INPUT_HEIGHT = 84, 140  # display heights (px) of the feature-map rows and of the model input
 TV_DEFAULT = 8.0
 
 
@@ -91,8 +94,8 @@ def draw_handler(gr, session: logic.Session):
             return (None, None, *[None] * len(session.layers), [], [],
                     "Draw a digit (choose the brush, then draw in the box).")
         names = session.loaded.class_names
-        return (result.probabilities, logic.enlarge(logic.to_uint8(result.image28), logic.CELL),
-                *[result.feature_maps[layer] for layer in session.layers],
+        return (result.probabilities, logic.enlarge(logic.to_uint8(result.image28), INPUT_HEIGHT),
+                *[logic.enlarge(result.feature_maps[layer], FEATURE_HEIGHT) for layer in session.layers],
                 [(img, f"{layer}: rank for class {names[result.predicted]}") for layer, img in result.rank_overlays.items()],
                 [(img, name) for name, img in result.method_maps.items()],
                 errors_markdown(result.errors))
@@ -121,7 +124,7 @@ def photo_handlers(gr, session: logic.Session, opts: ServeOptions, out_dir: Path
         table = [[i + 1, name, index, round(p, 4)] for i, (index, name, p) in enumerate(state.top)]
         radio = gr.Radio(choices=[(f"{name} ({p:.2f})", index) for index, name, p in state.top],
                          value=state.top[0][0])
-        picture = logic.to_uint8(session.loaded.deprocess(state.x[0]))
+        picture = logic.enlarge(logic.to_uint8(session.loaded.deprocess(state.x[0])), 224)
         return state, picture, table, radio, gallery, npz, errors
 
     def on_upload(upload: str | None, methods: list[str]):
@@ -156,8 +159,7 @@ def actmax_handler(gr, session: logic.Session, cache: logic.ActMaxCache):
             raise page_error(gr, ConvlensError(str(exc))) from None
         what = {"class": f"class {a}: p = {score:.3f}", "pair": f"classes {a} + {b}: p({a}) + p({b}) = {score:.3f}",
                 "channel": f"{layer} channel {index_a}: mean activation {score:.3f}"}[kind]
-        picture = logic.to_uint8(image)
-        return (logic.enlarge(picture, max(1, 224 // picture.shape[0])),
+        return (logic.enlarge(logic.to_uint8(image), 224),
                 f"{what} · tv weight {float(tv):g} · {'from the cache' if cached else 'computed now'}")
     return handle
 
@@ -170,7 +172,7 @@ def stats_handler(gr, session: logic.Session):
             picture, rows = logic.stats_view(session, layer, names.index(cls))
         except (ConvlensError, ValueError) as exc:
             raise page_error(gr, ConvlensError(str(exc))) from None
-        return picture, rows
+        return logic.enlarge(picture, FEATURE_HEIGHT), rows
     return handle
 
 
@@ -192,16 +194,19 @@ def build_app(sessions: Sessions, opts: ServeOptions, out_dir: Path):
                     with gr.Column():
                         probs = gr.Label(label="class probabilities", num_top_classes=len(names), elem_id="draw-probs")
                         model_input = gr.Image(label="model input (MNIST normalization: 20×20 box, centre of mass)",
-                                               interactive=False, height=160, elem_id="draw-input")
+                                               interactive=False, height=160, elem_id="draw-input", format="png",
+                                               elem_classes=["pixelated"])
                 draw_methods = gr.CheckboxGroup(method_names, value=logic.DRAW_METHODS, label="methods",
                                                 elem_id="draw-methods")
                 draw_errors = gr.Markdown(elem_id="draw-errors")
                 maps = gr.Gallery(label="methods (explaining the predicted class)", columns=4, height="auto",
-                                  elem_id="draw-maps")
+                                  elem_id="draw-maps", format="png", object_fit="contain", elem_classes=["pixelated"])
                 features = [gr.Image(label=f"{layer} feature maps (every filter, one scale per layer)",
-                                     interactive=False, elem_id=f"draw-features-{layer}") for layer in draw.layers]
+                                     interactive=False, elem_id=f"draw-features-{layer}", format="png",
+                                     elem_classes=["pixelated"]) for layer in draw.layers]
                 ranks = gr.Gallery(label="dominant filter per pixel, coloured by its rank for the predicted class "
-                                         "(red = rank 1)", columns=3, height="auto", elem_id="draw-ranks")
+                                         "(red = rank 1)", columns=3, height="auto", elem_id="draw-ranks", format="png",
+                                   object_fit="contain", elem_classes=["pixelated"])
                 outputs = [probs, model_input, *features, ranks, maps, draw_errors]
                 handle = draw_handler(gr, draw)
                 sketch.change(handle, [sketch, draw_methods], outputs, show_progress="hidden", **queue)
@@ -217,8 +222,8 @@ def build_app(sessions: Sessions, opts: ServeOptions, out_dir: Path):
                     upload = gr.File(label=f"or upload one (≤ {opts.max_upload_bytes / 1e6:g} MB, "
                                            f"≤ {opts.max_upload_pixels / 1e6:g} megapixels)",
                                      file_types=["image"], type="filepath", elem_id="photo-upload")
-                    photo_input = gr.Image(label="model input", interactive=False, height=240,
-                                           elem_id="photo-input")
+                    photo_input = gr.Image(label="model input", interactive=False, height=240, format="png",
+                                           elem_id="photo-input", elem_classes=["pixelated"])
                 with gr.Column():
                     top = gr.Dataframe(headers=["rank", "class", "index", "probability"], label="top 5",
                                        interactive=False, elem_id="photo-top")
@@ -226,7 +231,8 @@ def build_app(sessions: Sessions, opts: ServeOptions, out_dir: Path):
             photo_methods = gr.CheckboxGroup(method_names, value=logic.PHOTO_METHODS, label="methods",
                                              elem_id="photo-methods")
             photo_errors = gr.Markdown(elem_id="photo-errors")
-            photo_maps = gr.Gallery(label="maps", columns=4, height="auto", elem_id="photo-maps")
+            photo_maps = gr.Gallery(label="maps", columns=4, height="auto", elem_id="photo-maps", format="png",
+                                    object_fit="contain", elem_classes=["pixelated"])
             npz = gr.File(label="raw maps (.npz)", interactive=False, elem_id="photo-npz")
             state = gr.State(None)
             on_upload, on_choice, re_explain = photo_handlers(gr, photo, opts, out_dir)
@@ -249,7 +255,8 @@ def build_app(sessions: Sessions, opts: ServeOptions, out_dir: Path):
                     chan = gr.Number(0, precision=0, minimum=0, label="channel", elem_id="actmax-channel")
                     tv = gr.Slider(0, 32, value=TV_DEFAULT, step=0.125, label="tv weight", elem_id="actmax-tv")
                 go = gr.Button("show", variant="primary", elem_id="actmax-go")
-                actmax_image = gr.Image(label="image", interactive=False, height=260, elem_id="actmax-image")
+                actmax_image = gr.Image(label="image", interactive=False, height=260, elem_id="actmax-image",
+                                        format="png", elem_classes=["pixelated"])
                 actmax_info = gr.Markdown(elem_id="actmax-info")
                 go.click(actmax_handler(gr, draw, sessions.actmax), [kind, class_a, class_b, layer, chan, tv],
                          [actmax_image, actmax_info], **queue)
@@ -261,7 +268,7 @@ def build_app(sessions: Sessions, opts: ServeOptions, out_dir: Path):
                     stats_layer = gr.Dropdown(draw.layers, value=draw.layers[0], label="layer", elem_id="stats-layer")
                     stats_class = gr.Dropdown(names, value=names[0], label="class", elem_id="stats-class")
                 stats_image = gr.Image(label="class-mean maps by rank (left = rank 1)", interactive=False,
-                                       elem_id="stats-image")
+                                       elem_id="stats-image", format="png", elem_classes=["pixelated"])
                 stats_table = gr.Dataframe(headers=logic.STATS_COLUMNS, interactive=False, elem_id="stats-table")
                 handle_stats = stats_handler(gr, draw)
                 for trigger in (stats_layer.change, stats_class.change):
@@ -293,7 +300,7 @@ def serve(opts: ServeOptions, block: bool = True) -> Any:
     demo = build_app(sessions, opts, out_dir)
     demo.queue(default_concurrency_limit=1, api_open=False)
     try:
-        demo.launch(server_name=opts.host, server_port=opts.port, theme=offline_theme(gr),
+        demo.launch(server_name=opts.host, server_port=opts.port, theme=offline_theme(gr), css=CSS,
                     max_file_size=opts.max_upload_bytes, show_error=True, ssr_mode=False, quiet=True,
                     footer_links=["settings"], prevent_thread_lock=True, inbrowser=False,
                     allowed_paths=[str(out_dir)], mcp_server=False, pwa=False)

@@ -38,7 +38,6 @@ INK_THRESHOLD = 0.02  # anti-aliasing fringes below this are not ink
 MAX_UPLOAD_BYTES = 10_000_000
 MAX_UPLOAD_PIXELS = 25_000_000
 TOP_K = 5
-CELL = 8  # display pixels per 28×28 input pixel
 
 
 # ------------------------------------------------------------------ drawing → MNIST input
@@ -98,8 +97,10 @@ def to_uint8(rgb: np.ndarray) -> np.ndarray:
     return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def enlarge(arr: np.ndarray, factor: int) -> np.ndarray:
-    """Nearest-neighbour enlargement of (H, W[, C]) by an integer factor (crisp pixels)."""
+def enlarge(arr: np.ndarray, height: int) -> np.ndarray:
+    """Nearest-neighbour enlargement of (H, W[, C]) by the integer factor that brings H closest to ``height``
+    (crisp pixels; Gradio shows small images at their own size)."""
+    factor = max(1, round(height / arr.shape[0]))
     return arr if factor == 1 else arr.repeat(factor, axis=0).repeat(factor, axis=1)
 
 
@@ -119,17 +120,16 @@ def colormap(values: np.ndarray, name: str = "viridis", bad: tuple[float, float,
     return rgb
 
 
-def feature_map_mosaic(acts: np.ndarray, cols: int = 9, cell: int = 64, peak: float | None = None) -> np.ndarray:
-    """(K, h, w) activations → one RGB picture, tiles in rows of ``cols``, all on one scale: ``peak``
-    (default the largest activation shown)."""
+def feature_map_mosaic(acts: np.ndarray, cols: int = 9, peak: float | None = None) -> np.ndarray:
+    """(K, h, w) activations → one RGB picture at their own resolution (the page scales it up), tiles in rows
+    of ``cols`` with 1-px gaps, all on one scale: ``peak`` (default the largest activation shown)."""
     k, h, w = acts.shape
     peak = float(acts.max()) if peak is None else float(peak)
     scaled = acts / peak if peak > 0 else np.zeros_like(acts)
     rows = -(-k // cols)
     tiles = np.full((rows * cols, h, w), np.nan)
     tiles[:k] = scaled
-    small = to_uint8(colormap(mosaic(tiles.reshape(rows, cols, h, w), pad=1)))
-    return enlarge(small, max(1, cell // max(h, w)))
+    return to_uint8(colormap(mosaic(tiles.reshape(rows, cols, h, w), pad=1)))
 
 
 def live_rank_map(acts: np.ndarray, stat: dict, cls: int, threshold: float = STRENGTH_THRESHOLD) -> np.ndarray:
@@ -151,13 +151,13 @@ def rank_overlay_image(image28: np.ndarray, rank: np.ndarray, filters: int, alph
     up = upsample_nearest(rank, image28.shape[-1])
     colours = colormap((up - 1) / max(filters - 1, 1), "jet_r", bad=(0, 0, 0))
     weight = np.where(np.isnan(up), 0.0, alpha)[..., None]
-    return enlarge(to_uint8((1 - weight) * image28[..., None] + weight * colours), CELL)
+    return to_uint8((1 - weight) * image28[..., None] + weight * colours)
 
 
-def map_overlay(image: np.ndarray, heat: np.ndarray, factor: int = 1, alpha: float = 0.5) -> np.ndarray:
+def map_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """A normalized map (H, W) in [0, 1] blended over the image ((H, W) grey or (H, W, 3)), jet colours."""
     base = image[..., None] if image.ndim == 2 else image
-    return enlarge(to_uint8((1 - alpha) * base + alpha * colormap(heat, "jet")), factor)
+    return to_uint8((1 - alpha) * base + alpha * colormap(heat, "jet"))
 
 
 # ------------------------------------------------------------------ a model served to the page
@@ -249,7 +249,7 @@ def draw_update(session: Session, drawing: np.ndarray | None, methods: Sequence[
         acts = {layer: kept[layer][0].cpu().numpy() for layer in session.layers}
         predicted = int(probs.argmax())
         results, errors = run_methods(session, x, predicted, methods)
-    maps = {name: map_overlay(image28, res.normalized[0].cpu().numpy(), CELL) for name, res in results.items()}
+    maps = {name: map_overlay(image28, res.normalized[0].cpu().numpy()) for name, res in results.items()}
     return DrawResult(
         image28=image28,
         probabilities={name: float(p) for name, p in zip(loaded.class_names, probs)},
@@ -332,21 +332,20 @@ def photo_explain(session: Session, state: PhotoState, target: int, methods: Seq
     with session.lock:
         results, errors = run_methods(session, state.x, target, methods)
     image = session.loaded.deprocess(state.x[0])
-    factor = max(1, 224 // image.shape[0])
     return PhotoExplanation(
         target=target,
-        overlays={name: map_overlay(image, r.normalized[0].cpu().numpy(), factor) for name, r in results.items()},
+        overlays={name: map_overlay(image, r.normalized[0].cpu().numpy()) for name, r in results.items()},
         raw={name: r.raw[0].cpu().numpy() for name, r in results.items()},
         maps={name: r.maps[0].cpu().numpy() for name, r in results.items()},
         errors=errors)
 
 
 def maps_npz_bytes(explanation: PhotoExplanation, class_name: str) -> bytes:
-    """The raw maps as an .npz: ``<method>_raw``, ``<method>_map``, and ``target`` / ``target_name``."""
+    """The raw maps as an .npz (uncompressed: fast): ``<method>_raw``, ``<method>_map``, ``target``, ``target_name``."""
     import io
 
     buf = io.BytesIO()
-    np.savez_compressed(buf, target=np.array(explanation.target), target_name=np.array(class_name),
+    np.savez(buf, target=np.array(explanation.target), target_name=np.array(class_name),
                         **{f"{m}_raw": a for m, a in explanation.raw.items()},
                         **{f"{m}_map": a for m, a in explanation.maps.items()})
     return buf.getvalue()
@@ -363,7 +362,7 @@ def stats_view(session: Session, layer: str, cls: int) -> tuple[np.ndarray, list
         raise ConvlensError(f"class {cls} out of range")
     order = np.argsort(stat["rank"][cls], kind="stable")
     m = stat["mean_map"]
-    picture = feature_map_mosaic(m[cls, order], cols=min(len(order), 9), cell=96, peak=float(m.max()))  # one scale
+    picture = feature_map_mosaic(m[cls, order], cols=min(len(order), 9), peak=float(m.max()))  # one scale
     rows = [[int(stat["rank"][cls][k]), int(k), round(float(stat["score"][cls][k]), 4),
              round(float(stat["std"][cls][k]), 4), round(float(stat["contrast"][cls][k]), 4),
              round(float(stat["win_rate"][cls][k]), 4), round(float(stat["max"][cls][k]), 4)] for k in order]
