@@ -87,8 +87,7 @@ def main() -> None:
     drawings = [sketch(s) for s in SKETCHES]
 
     # ---- drawing update
-    draw_outputs = [by_id[k] for k in ["draw-probs", "draw-input", *[f"draw-features-{x}" for x in draw.layers],
-                                       "draw-ranks", "draw-maps", "draw-errors"]]
+    draw_outputs = [by_id[k] for k in ["draw-probs", "draw-results", "draw-errors"]]
     handle_draw = app.draw_handler(gr, draw)
 
     def full_draw(i):

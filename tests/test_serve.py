@@ -340,3 +340,19 @@ def test_loopback_detection():
 
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.4") and not is_loopback("example.org")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, fragment", [
+    (["--model", "no/such/run"], "no such run folder"),
+    (["--port", "70000"], "--port must be 1..65535"),
+    (["--max-upload-mb", "0"], "upload limits must be positive"),
+])
+def test_serve_cli_errors_are_one_line(args, fragment):
+    from conftest import assert_clean_error, run_cli
+
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        fragment = "pip install 'convlens[serve]'"  # without the extra, that is the one line
+    assert_clean_error(run_cli("serve", *args), fragment)  # every check comes before anything binds a port

@@ -218,8 +218,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .serve.app import ServeOptions, require_gradio, serve
 
     require_gradio()  # before loading any model: a missing extra is one line, at once
-    if a.max_upload_mb <= 0 or a.max_upload_megapixels <= 0:
-        raise ConvlensError("upload limits must be positive")
     serve(ServeOptions(model=a.model, photo_model=a.photo_model, host=a.host, port=a.port,
                        max_upload_bytes=int(a.max_upload_mb * 1e6),
                        max_upload_pixels=int(a.max_upload_megapixels * 1e6), actmax_steps=a.steps))

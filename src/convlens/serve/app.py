@@ -7,6 +7,9 @@ never see each other's hooks or results; per-tab data lives in ``gr.State``.
 """
 from __future__ import annotations
 
+import base64
+import html
+import io
 import ipaddress
 import os
 import sys
@@ -15,14 +18,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from ..attribution import METHODS
 from ..errors import ConvlensError
 from . import logic
 
 MODEL_QUEUE = "model"
-# gallery pictures are sent at the network's own resolution (small PNGs: fast); the browser enlarges them, crisp
-CSS = ".pixelated img { image-rendering: pixelated; }"
-FEATURE_HEIGHT, INPUT_HEIGHT = 84, 140  # display heights (px) of the feature-map rows and of the model input
+# Draw-tab pictures go inline (PNG data URIs in one HTML output: no cache files per stroke, the fast path) at
+# the network's own resolution; the browser enlarges them, crisp
+CSS = """
+.pixelated img, .cl-fig img { image-rendering: pixelated; }
+.cl-row { display: flex; flex-wrap: wrap; gap: 10px; }
+.cl-fig { margin: 0 0 8px 0; }
+.cl-fig img { display: block; max-width: 100%; height: auto; }
+.cl-fig figcaption { font-size: 0.85em; opacity: 0.8; }
+"""
+FEATURE_HEIGHT, MAP_SIZE = 84, 224  # display sizes (px) of a feature-map row and of a map
 TV_DEFAULT = 8.0
 
 
@@ -91,15 +104,40 @@ def draw_handler(gr, session: logic.Session):
         except ConvlensError as exc:
             raise page_error(gr, exc) from None
         if result is None:
-            return (None, None, *[None] * len(session.layers), [], [],
-                    "Draw a digit (choose the brush, then draw in the box).")
-        names = session.loaded.class_names
-        return (result.probabilities, logic.enlarge(logic.to_uint8(result.image28), INPUT_HEIGHT),
-                *[logic.enlarge(result.feature_maps[layer], FEATURE_HEIGHT) for layer in session.layers],
-                [(img, f"{layer}: rank for class {names[result.predicted]}") for layer, img in result.rank_overlays.items()],
-                [(img, name) for name, img in result.method_maps.items()],
-                errors_markdown(result.errors))
+            return None, "", "Draw a digit (choose the brush, then draw in the box)."
+        return result.probabilities, draw_results_html(session, result), errors_markdown(result.errors)
     return handle
+
+
+def png_data_uri(rgb: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def figure(rgb: np.ndarray, caption: str, width: int) -> str:
+    text = html.escape(caption)
+    return (f'<figure class="cl-fig"><img src="{png_data_uri(rgb)}" alt="{text}" width="{width}">'
+            f"<figcaption>{text}</figcaption></figure>")
+
+
+def draw_results_html(session: logic.Session, result: logic.DrawResult) -> str:
+    """The Draw tab's pictures: model input and maps, feature maps of every layer, rank overlays."""
+    cls = session.loaded.class_names[result.predicted]
+    maps = "".join(figure(img, name, MAP_SIZE) for name, img in result.method_maps.items())
+    features = "".join(
+        f'<div id="draw-features-{layer}">'
+        f'{figure(img, f"{layer}: {img_count} filters, one scale", img.shape[1] * max(1, round(FEATURE_HEIGHT / img.shape[0])))}'
+        "</div>"
+        for layer, img, img_count in ((l, result.feature_maps[l], session.stats[l]["score"].shape[1])
+                                      for l in session.layers))
+    ranks = "".join(figure(img, f"{layer}: rank for class {cls}", MAP_SIZE) for layer, img in result.rank_overlays.items())
+    model_input = figure(logic.to_uint8(result.image28), "model input (20×20 box, centre of mass centred)", MAP_SIZE)
+    return (f'<div class="cl-row"><div id="draw-input">{model_input}</div>'
+            f'<div id="draw-maps" class="cl-row">{maps}</div></div>'
+            f"<h4>feature maps</h4>{features}"
+            f"<h4>dominant filter per pixel, coloured by its rank for class {html.escape(cls)} (red = rank 1)</h4>"
+            f'<div id="draw-ranks" class="cl-row">{ranks}</div>')
 
 
 def photo_outputs(session: logic.Session, state: logic.PhotoState, target: int, methods: list[str],
@@ -191,23 +229,12 @@ def build_app(sessions: Sessions, opts: ServeOptions, out_dir: Path):
                     sketch = gr.Sketchpad(label="draw a digit (brush tool)", canvas_size=(280, 280), type="numpy",
                                           image_mode="RGBA", layers=False, elem_id="sketch",
                                           brush=gr.Brush(colors=["#000000"], color_mode="fixed", default_size=16))
-                    with gr.Column():
-                        probs = gr.Label(label="class probabilities", num_top_classes=len(names), elem_id="draw-probs")
-                        model_input = gr.Image(label="model input (MNIST normalization: 20×20 box, centre of mass)",
-                                               interactive=False, height=160, elem_id="draw-input", format="png",
-                                               elem_classes=["pixelated"])
+                    probs = gr.Label(label="class probabilities", num_top_classes=len(names), elem_id="draw-probs")
                 draw_methods = gr.CheckboxGroup(method_names, value=logic.DRAW_METHODS, label="methods",
                                                 elem_id="draw-methods")
                 draw_errors = gr.Markdown(elem_id="draw-errors")
-                maps = gr.Gallery(label="methods (explaining the predicted class)", columns=4, height="auto",
-                                  elem_id="draw-maps", format="png", object_fit="contain", elem_classes=["pixelated"])
-                features = [gr.Image(label=f"{layer} feature maps (every filter, one scale per layer)",
-                                     interactive=False, elem_id=f"draw-features-{layer}", format="png",
-                                     elem_classes=["pixelated"]) for layer in draw.layers]
-                ranks = gr.Gallery(label="dominant filter per pixel, coloured by its rank for the predicted class "
-                                         "(red = rank 1)", columns=3, height="auto", elem_id="draw-ranks", format="png",
-                                   object_fit="contain", elem_classes=["pixelated"])
-                outputs = [probs, model_input, *features, ranks, maps, draw_errors]
+                results = gr.HTML(elem_id="draw-results")
+                outputs = [probs, results, draw_errors]
                 handle = draw_handler(gr, draw)
                 sketch.change(handle, [sketch, draw_methods], outputs, show_progress="hidden", **queue)
                 draw_methods.input(handle, [sketch, draw_methods], outputs, **queue)
