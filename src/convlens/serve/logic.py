@@ -181,11 +181,10 @@ class Session:
     @functools.cached_property
     def cam_layer(self) -> str:
         """The layer CAM methods read (found once: the automatic choice costs a forward pass)."""
-        example = torch.zeros(1, *self.loaded.model.input_shape, device=self.device) \
-            if hasattr(self.loaded.model, "input_shape") else None
-        if example is None:
+        shape = getattr(self.loaded.model, "input_shape", None)
+        if shape is None:
             raise ConvlensError(f"model {self.loaded.name}: no input_shape to find its CAM layer")
-        return auto_layer(self.loaded.model, example)
+        return auto_layer(self.loaded.model, torch.zeros(1, *shape, device=self.device))
 
 
 def draw_session(loaded: LoadedModel, layers: Sequence[str] = DRAW_LAYERS,
