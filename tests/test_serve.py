@@ -172,13 +172,12 @@ def test_draw_update_values(draw, lab_model):
 
 
 def test_failing_method_is_reported_and_the_others_still_run(draw, monkeypatch):
-    class Broken:
-        name, needs_layer = "broken", False
+    from convlens.attribution.base import Method
 
-        def __init__(self, model, layer=None):
-            pass
+    class Broken(Method):
+        name = "broken"
 
-        def attribute(self, x, target):
+        def attribute(self, x, target=None):
             raise RuntimeError("deliberately broken\nsecond line")
 
     monkeypatch.setitem(METHODS, "broken", Broken)

@@ -215,12 +215,14 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 @command
 def cmd_serve(a: argparse.Namespace) -> int:
-    from .serve.app import ServeOptions, require_gradio, serve
+    from .serve.app import ServeOptions, check_options, require_gradio, serve
 
-    require_gradio()  # before loading any model: a missing extra is one line, at once
-    serve(ServeOptions(model=a.model, photo_model=a.photo_model, host=a.host, port=a.port,
-                       max_upload_bytes=int(a.max_upload_mb * 1e6),
-                       max_upload_pixels=int(a.max_upload_megapixels * 1e6), actmax_steps=a.steps))
+    require_gradio()  # before loading any model: a missing extra or a bad option is one line, at once
+    opts = ServeOptions(model=a.model, photo_model=a.photo_model, host=a.host, port=a.port,
+                        max_upload_bytes=int(a.max_upload_mb * 1e6),
+                        max_upload_pixels=int(a.max_upload_megapixels * 1e6), actmax_steps=a.steps)
+    check_options(opts)
+    serve(opts, loaded=model_from(a))
     return 0
 
 

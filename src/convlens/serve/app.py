@@ -67,11 +67,12 @@ class Sessions:
     actmax: logic.ActMaxCache
 
 
-def load_sessions(opts: ServeOptions) -> Sessions:
+def load_sessions(opts: ServeOptions, loaded=None) -> Sessions:
+    """The models of the page: ``loaded`` (else ``opts.model``) and, beside a 1-channel one, the photo model."""
     from ..models import load_model
 
-    loaded = load_model(opts.model)
-    if logic.expected_channels(loaded.model) == 1:
+    loaded = loaded if loaded is not None else load_model(opts.model)
+    if loaded.profile.channels == 1:
         draw = logic.draw_session(loaded)
         photo = logic.Session(load_model(opts.photo_model)) if opts.photo_model else logic.Session(loaded)
     else:  # an image model given as --model: only the Photo tab
@@ -313,16 +314,23 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(opts: ServeOptions, block: bool = True) -> Any:
-    """Load the models, build the page and serve it on ``opts.host:opts.port`` (loopback by default)."""
-    gr = require_gradio()
+def check_options(opts: ServeOptions) -> None:
     if opts.max_upload_bytes <= 0 or opts.max_upload_pixels <= 0:
         raise ConvlensError("upload limits must be positive")
     if not 0 < opts.port < 65536:
         raise ConvlensError(f"--port must be 1..65535, got {opts.port}")
+    if opts.actmax_steps <= 0:
+        raise ConvlensError(f"--steps must be positive, got {opts.actmax_steps}")
+
+
+def serve(opts: ServeOptions, block: bool = True, loaded=None) -> Any:
+    """Load the models (``loaded``, else ``opts.model``), build the page and serve it on ``opts.host:opts.port``
+    (loopback by default)."""
+    gr = require_gradio()
+    check_options(opts)
     if not is_loopback(opts.host):
         print(f"convlens: warning: serving on {opts.host}: reachable from other machines", file=sys.stderr)
-    sessions = load_sessions(opts)
+    sessions = load_sessions(opts, loaded)
     out_dir = Path(tempfile.mkdtemp(prefix="convlens-serve-"))
     demo = build_app(sessions, opts, out_dir)
     demo.queue(default_concurrency_limit=1, api_open=False)

@@ -20,10 +20,10 @@ import torch
 from PIL import Image, ImageOps
 
 from .. import stats as fstats
-from ..attribution import METHODS, make_method, uses_layer
-from ..attribution.base import expected_channels
+from ..attribution import METHODS
 from ..data.images import package_photos_dir, to_mode
 from ..errors import ConvlensError
+from ..explain import method_for
 from ..hooks import auto_layer, capture
 from ..models.registry import LoadedModel
 from ..plots.stats import STRENGTH_THRESHOLD, mosaic, upsample_nearest
@@ -171,31 +171,35 @@ class Session:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
-    def channels(self) -> int | None:
-        return expected_channels(self.loaded.model)
+    def channels(self) -> int:
+        return self.loaded.profile.channels
 
     @property
     def device(self) -> torch.device:
-        return next(self.loaded.model.parameters()).device
+        return self.loaded.device
 
     @functools.cached_property
     def cam_layer(self) -> str:
-        """The layer CAM methods read (found once: the automatic choice costs a forward pass)."""
-        shape = getattr(self.loaded.model, "input_shape", None)
-        if shape is None:
-            raise ConvlensError(f"model {self.loaded.name}: no input_shape to find its CAM layer")
-        return auto_layer(self.loaded.model, torch.zeros(1, *shape, device=self.device))
+        """The layer CAM methods read: the profile's, else the automatic choice, found once (it costs a forward)."""
+        profile = self.loaded.profile
+        return profile.explain_layer or auto_layer(self.loaded.model, profile.example(self.device))
 
 
-def draw_session(loaded: LoadedModel, layers: Sequence[str] = DRAW_LAYERS,
+def draw_session(loaded: LoadedModel, layers: Sequence[str] | None = None,
                  data: tuple[torch.Tensor, torch.Tensor] | None = None) -> Session:
-    """A 1-channel model with the filter statistics of ``layers`` on ``data`` (default: the MNIST test set)."""
+    """A 1-channel model with the filter statistics of ``layers`` (default: its profile's) on ``data``
+    (default: the MNIST test set, for a model whose profile says MNIST is its data)."""
     from ..data.mnist import load_mnist
 
-    if expected_channels(loaded.model) != 1:
+    profile = loaded.profile
+    if profile.channels != 1:
         raise ConvlensError(f"model {loaded.name}: the Draw tab needs a 1-channel (MNIST-like) model")
+    if data is None and profile.dataset != "mnist":
+        raise ConvlensError(f"model {loaded.name}: the Draw tab needs the model's data for its statistics "
+                            "(only MNIST models for now)")
+    layers = list(layers or profile.stats_layers or DRAW_LAYERS)
     x, y = data if data is not None else load_mnist("test").tensors()
-    device = next(loaded.model.parameters()).device
+    device = loaded.device
     batches = ((xb.to(device), yb.to(device)) for xb, yb in fstats.tensor_batches(x, y, 500))
     result = fstats.collect(loaded.model, batches, list(layers), len(loaded.class_names))
     return Session(loaded, list(layers), {layer: result.layer(layer) for layer in layers})
@@ -215,8 +219,7 @@ def run_methods(session: Session, x: torch.Tensor, target: int, methods: Sequenc
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a flat map is shown as such, no warning needed
-                layer = session.cam_layer if uses_layer(name) else None
-                results[name] = make_method(name, session.loaded.model, layer=layer).attribute(x, target)
+                results[name] = method_for(session.loaded, name, session.cam_layer).attribute(x, target)
         except Exception as exc:  # noqa: BLE001 - the page shows any method's failure and keeps going
             errors[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     return results, errors
@@ -301,7 +304,7 @@ class PhotoState:
 
 
 def image_mode(session: Session) -> str:
-    return "L" if session.channels == 1 else "RGB"
+    return session.loaded.profile.image_mode
 
 
 def photo_predict(session: Session, image: Image.Image, k: int = TOP_K) -> PhotoState:
@@ -414,10 +417,11 @@ class ActMaxCache:
             objectives, keys, targets = [channel(layer, a)], [key], [None]
         else:
             raise ConvlensError(f"unknown kind {kind!r}: class, pair or channel")
+        profile = session.loaded.profile
         config = ActMaxConfig(steps=self.steps, tv_weight=float(tv), seed=self.seed, progress=progress,
-                              input_range=session.loaded.input_range)
+                              input_range=profile.value_range, to_input=profile.from_unit)
         with session.lock:
-            result = maximize(session.loaded.model, objectives, tuple(session.loaded.model.input_shape), config)
+            result = maximize(session.loaded.model, objectives, tuple(profile.input_shape), config)
         for i, k in enumerate(keys):
             img = result.display[i].detach().cpu().numpy()
             img = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
