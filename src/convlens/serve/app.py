@@ -226,11 +226,14 @@ def build_app(sessions: Sessions, opts: ServeOptions, out_dir: Path):
         if draw is not None:
             names = draw.loaded.class_names
             with gr.Tab("Draw", elem_id="tab-draw"):
-                with gr.Row():
-                    sketch = gr.Sketchpad(label="draw a digit (brush tool)", canvas_size=(280, 280), type="numpy",
-                                          image_mode="RGBA", layers=False, elem_id="sketch",
-                                          brush=gr.Brush(colors=["#000000"], color_mode="fixed", default_size=16))
-                    probs = gr.Label(label="class probabilities", num_top_classes=len(names), elem_id="draw-probs")
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=1, min_width=340):  # fixed share: the canvas is laid out once, at load
+                        sketch = gr.Sketchpad(label="draw a digit (brush tool)", canvas_size=(280, 280),
+                                              type="numpy", image_mode="RGBA", layers=False, elem_id="sketch",
+                                              brush=gr.Brush(colors=["#000000"], color_mode="fixed", default_size=16))
+                    with gr.Column(scale=1, min_width=340):
+                        probs = gr.Label(label="class probabilities", num_top_classes=len(names),
+                                         elem_id="draw-probs")
                 draw_methods = gr.CheckboxGroup(method_names, value=logic.DRAW_METHODS, label="methods",
                                                 elem_id="draw-methods")
                 draw_errors = gr.Markdown(elem_id="draw-errors")
