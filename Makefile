@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/attribution.py
 	$(BIN)/python bench/evaluate.py --model convlens-out/lab/train
 	$(BIN)/python bench/onnx_import.py
+	$(BIN)/python bench/serve.py --model convlens-out/lab/train
 
 clean:
 	rm -rf $(VENV) convlens-out

@@ -8,7 +8,9 @@
 
 Reference in the same run: the forward pass and the methods alone on the same input (what no page can avoid).
 
-    python bench/serve.py [--model convlens-out/lab/train] [--threads 2] [--draws 50] [--photos 10]
+    python bench/serve.py [--model convlens-out/lab/train] [--threads 1] [--draws 50] [--photos 10]
+
+--threads defaults to 1, as `convlens serve` does.
 """
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="convlens-out/lab/train")
     parser.add_argument("--photo-model", default="efficientnet-lite0")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--draws", type=int, default=50)
     parser.add_argument("--photos", type=int, default=10)
     a = parser.parse_args()

@@ -218,6 +218,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .serve.app import ServeOptions, check_options, require_gradio, serve
 
     require_gradio()  # before loading any model: a missing extra or a bad option is one line, at once
+    if a.threads is None:  # one request at a time on small inputs: more intra-op threads only add contention
+        set_threads(1)
     opts = ServeOptions(model=a.model, photo_model=a.photo_model, host=a.host, port=a.port,
                         max_upload_bytes=int(a.max_upload_mb * 1e6),
                         max_upload_pixels=int(a.max_upload_megapixels * 1e6), actmax_steps=a.steps)
