@@ -28,7 +28,6 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from common import setup  # noqa: E402
 from convlens.attribution import make_method, uses_layer  # noqa: E402
-from convlens.models import load_model  # noqa: E402
 from convlens.serve import app, logic  # noqa: E402
 
 SKETCHES = [  # strokes on the page's 280×280 canvas: a 1, a 7, an L, a 4-like cross, a 0-like box
