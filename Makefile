@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,onnx,serve]'
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps captum==0.9.0
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps torchcam==0.5.0
 	touch $(STAMP)
 
 install: $(STAMP)

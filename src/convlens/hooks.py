@@ -93,6 +93,27 @@ def capture(model: nn.Module, layers: Sequence[str | nn.Module], cut: bool = Fal
 
 
 @contextlib.contextmanager
+def rewrite_outputs(model: nn.Module, rewrites: dict) -> Iterator[None]:
+    """Replace the output of each named layer (or module) by ``fn(output)`` (or ``fn(output, inputs)`` when
+    the function takes two arguments) during forwards run inside the block; hooks removed in ``finally``."""
+    import inspect
+
+    handles = []
+
+    def hook_for(fn):
+        takes_inputs = len(inspect.signature(fn).parameters) >= 2
+        return lambda _m, inputs, output: fn(output, inputs) if takes_inputs else fn(output)
+
+    try:
+        for layer, fn in rewrites.items():
+            handles.append(resolve_layer(model, layer)[1].register_forward_hook(hook_for(fn)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
     """Parameters do not require grad inside the block; each flag is restored afterwards."""
     params = list(model.parameters())

@@ -15,6 +15,8 @@ from torch import nn
 from ..errors import ConvlensError
 from .base import Attribution, Method, Target, normalize_maps, upsample  # noqa: F401
 from .cam import CAM, GradCAM, GradCAMPlusPlus, KerasVisGradCAM, LayerCAM, ScoreCAM, XGradCAM
+from .cam_variants import (AblationCAM, EigenCAM, EigenGradCAM, FullGrad, FusedCAM, GradCAMElementWise, HiResCAM,
+                           ISCAM, SSCAM, SmoothGradCAMPlusPlus)
 from .gradient import (Deconvnet, GuidedBackprop, GuidedGradCAM, InputXGradient, IntegratedGradients,
                        Saliency, SmoothGrad)
 
@@ -31,7 +33,9 @@ class SmoothGradSaliency(SmoothGrad):
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (CAM, GradCAM, GradCAMPlusPlus, ScoreCAM, LayerCAM, XGradCAM, Saliency,
                               GuidedBackprop, Deconvnet, GuidedGradCAM, KerasVisGradCAM,
-                              IntegratedGradients, InputXGradient, SmoothGradSaliency)
+                              IntegratedGradients, InputXGradient, SmoothGradSaliency,
+                              HiResCAM, GradCAMElementWise, EigenCAM, EigenGradCAM, AblationCAM,
+                              SmoothGradCAMPlusPlus, SSCAM, ISCAM, FullGrad, FusedCAM)
 }
 
 

@@ -1,0 +1,378 @@
+"""More of the CAM family, each a small override of the CAM template (see ``cam.py``).
+
+HiResCAM, element-wise Grad-CAM, EigenCAM, EigenGradCAM, Ablation-CAM, SmoothGrad-CAM++,
+SS-CAM, IS-CAM, FullGrad and CAMs fused over several layers.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConvlensError
+from ..hooks import capture, frozen, resolve_layer, rewrite_outputs, spatial_layers
+from ..hooks import POOLING
+from ..runtime import channels_last_weights
+from .base import Attribution, Method, check_input, normalize_maps, target_scores, upsample
+from .cam import CamMethod, GradCAM, GradCAMPlusPlus, ScoreCAM
+
+
+# ------------------------------------------------------------------ weight formulas
+def first_component_projection(matrix: torch.Tensor) -> torch.Tensor:
+    """Per sample, project the centred (K, h, w) maps on their first principal component → (h, w).
+
+    With M = (A reshaped to (h·w, K)) − its column means and v₁ the first right singular
+    vector of M, the map is M v₁. The sign of v₁ is fixed so that the map agrees with the
+    centred channel sum (a singular vector's sign is otherwise arbitrary).
+    """
+    n, k, h, w = matrix.shape
+    m = matrix.flatten(2).transpose(1, 2).double()            # (N, hw, K)
+    m = m - m.mean(1, keepdim=True)
+    _, _, vh = torch.linalg.svd(m, full_matrices=False)
+    proj = m @ vh[:, 0, :, None]                              # (N, hw, 1)
+    sign = torch.sign((proj[..., 0] * m.sum(2)).sum(1))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return (proj[..., 0] * sign[:, None]).view(n, h, w).to(matrix.dtype)
+
+
+def minmax_masks(acts: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Score-CAM masks: each channel upsampled (bilinear) and scaled to [0, 1]; a flat channel → 0."""
+    masks = upsample(acts, size, "bilinear")
+    flat = masks.flatten(1)
+    lo, hi = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
+    span = hi - lo
+    return torch.where(span > 0, (masks - lo) / torch.where(span > 0, span, torch.ones_like(span)),
+                       torch.zeros_like(masks))
+
+
+def class_targets(targets: torch.Tensor, name: str) -> None:
+    if bool((targets < 0).any()):
+        raise ConvlensError(f"{name} needs class targets, not a callable")
+
+
+# ------------------------------------------------------------------ gradient CAMs
+class HiResCAM(CamMethod):
+    """Draelos & Carin 2020: L = Σ_k ∂y^c/∂A_k ⊙ A_k (element-wise, then summed; no ReLU, signed).
+
+    On a GAP → linear head the gradient is spatially constant, so HiResCAM equals Grad-CAM there.
+    """
+
+    name = "hirescam"
+
+    def weights(self, acts, grads, *_):
+        return grads
+
+    def combine(self, acts, grads, weights):
+        return (weights * acts).sum(1)
+
+
+class GradCAMElementWise(CamMethod):
+    """pytorch-grad-cam's element-wise Grad-CAM: L = Σ_k ReLU(∂y^c/∂A_k ⊙ A_k)."""
+
+    name = "gradcam-elementwise"
+
+    def weights(self, acts, grads, *_):
+        return grads
+
+    def combine(self, acts, grads, weights):
+        return F.relu(weights * acts).sum(1)
+
+
+class EigenCAM(CamMethod):
+    """Muhammad & Yeasin 2020: ReLU of the activations' first principal component (class-agnostic)."""
+
+    name = "eigencam"
+    needs_grad = False
+
+    def weights(self, acts, *_):
+        return acts
+
+    def combine(self, acts, grads, weights):
+        return F.relu(first_component_projection(weights))
+
+
+class EigenGradCAM(EigenCAM):
+    """EigenCAM of ∂y^c/∂A ⊙ A: the first principal component of the gradient-weighted activations."""
+
+    name = "eigengradcam"
+    needs_grad = True
+
+    def weights(self, acts, grads, *_):
+        return grads * acts
+
+
+class AblationCAM(CamMethod):
+    """Desai & Ramaswamy 2020: w_k = (y^c − y^c_k) / y^c, y^c_k the score with channel k zeroed.
+
+    One forward per live channel (the layer's output is rewritten in place of channel k), in batches of
+    ``batch_size``; a channel that is already all zero gives y^c_k = y^c, so it is skipped (w_k = 0).
+    """
+
+    name = "ablationcam"
+    needs_grad = False
+
+    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", batch_size: int = 64):
+        super().__init__(model, layer, output_selector, interpolation)
+        if batch_size <= 0:
+            raise ConvlensError("Ablation-CAM batch size must be positive")
+        self.batch_size = batch_size
+
+    def weights(self, acts, grads, explained, targets, x, layer):
+        n, k = acts.shape[:2]
+        w = torch.zeros(n, k, dtype=acts.dtype, device=acts.device)
+        for i in range(n):
+            live = (acts[i].flatten(1) != 0).any(1).nonzero().flatten()
+            for start in range(0, len(live), self.batch_size):
+                idx = live[start:start + self.batch_size]
+                ablated = self.ablated_scores(x[i], idx, targets[i:i + 1], layer)
+                scale = explained[i] if explained[i] != 0 else torch.ones_like(explained[i])
+                w[i, idx] = (explained[i] - ablated) / scale
+        return w
+
+    def ablated_scores(self, image: torch.Tensor, channels: torch.Tensor, target, layer: str) -> torch.Tensor:
+        """The explained score of ``image`` with each of ``channels`` zeroed, one copy per channel."""
+        rows = torch.arange(len(channels), device=channels.device)
+
+        def zero_channel(out: torch.Tensor) -> torch.Tensor:
+            out = out.clone()
+            out[rows, channels] = 0
+            return out
+
+        batch = image[None].expand(len(channels), *image.shape).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), channels_last_weights(self.model), \
+                rewrite_outputs(self.model, {layer: zero_channel}):
+            repeated = target.expand(len(channels)) if isinstance(target, torch.Tensor) else target
+            return target_scores(self.scores(batch), repeated)[0]
+
+    def attribute(self, inputs, target=None):
+        if callable(target) and not isinstance(target, torch.Tensor):
+            raise ConvlensError("Ablation-CAM needs class targets, not a callable")
+        return super().attribute(inputs, target)
+
+
+class SmoothGradCAMPlusPlus(GradCAMPlusPlus):
+    """Omeiza et al. 2019: Grad-CAM++ with the 1st, 2nd and 3rd gradient powers averaged over noisy copies.
+
+    D^p = mean over ``samples`` copies x + N(0, (σ·(max x − min x))²) of (∂y^c/∂A)^p;
+    α = D² / (2 D² + Σ_ab A_ab D³); w_k = Σ_ij α ReLU(D¹); A from the clean input.
+    """
+
+    name = "smoothgradcam++"
+
+    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", samples: int = 8,
+                 sigma: float = 0.15, seed: int = 0, batch_size: int = 64):
+        super().__init__(model, layer, output_selector, interpolation)
+        if samples <= 0 or sigma < 0 or batch_size <= 0:
+            raise ConvlensError("SmoothGrad-CAM++ needs samples > 0, sigma ≥ 0 and a positive batch size")
+        self.samples, self.sigma, self.seed, self.batch_size = samples, sigma, seed, batch_size
+
+    def noisy_gradient_powers(self, x, targets, layer) -> tuple[torch.Tensor, ...]:
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        span = (x.flatten(1).max(1).values - x.flatten(1).min(1).values).view(-1, 1, 1, 1)
+        sums = None
+        per_chunk = max(1, self.batch_size // len(x))
+        for start in range(0, self.samples, per_chunk):
+            k = min(per_chunk, self.samples - start)
+            noise = torch.randn((k, *x.shape), generator=gen).to(x) * (self.sigma * span)[None]
+            noisy = (x[None] + noise).flatten(0, 1)
+            _, g, _, _, _ = self.layer_pass(noisy, targets.repeat(k), layer)
+            g = g.view(k, len(x), *g.shape[1:])
+            powers = (g.sum(0), g.pow(2).sum(0), g.pow(3).sum(0))
+            sums = powers if sums is None else tuple(a + b for a, b in zip(sums, powers))
+        return tuple(s / self.samples for s in sums)
+
+    def weights(self, acts, grads, explained, targets, x, layer):
+        d1, d2, d3 = self.noisy_gradient_powers(x, targets, layer)
+        denom = 2 * d2 + (acts * d3).sum((2, 3), keepdim=True)
+        alpha = torch.where(denom != 0, d2 / torch.where(denom != 0, denom, torch.ones_like(denom)),
+                            torch.zeros_like(d2))
+        return (alpha * F.relu(d1)).sum((2, 3))
+
+    def attribute(self, inputs, target=None):
+        if callable(target) and not isinstance(target, torch.Tensor):
+            raise ConvlensError("SmoothGrad-CAM++ needs class targets, not a callable")
+        return super().attribute(inputs, target)
+
+
+class _MaskScoreCAM(ScoreCAM):
+    """Score-CAM whose channel score averages softmax(f(X ⊙ m))_c over several variants m of each mask."""
+
+    def mask_variants(self, masks: torch.Tensor, gen: torch.Generator) -> torch.Tensor:  # pragma: no cover
+        """(k, H, W) → (variants, k, H, W)."""
+        raise NotImplementedError
+
+    def weights(self, acts, grads, explained, targets, x, layer):
+        n, k = acts.shape[:2]
+        alpha = torch.zeros(n, k, dtype=acts.dtype, device=acts.device)
+        with torch.inference_mode(), channels_last_weights(self.model):
+            for i in range(n):
+                gen = torch.Generator(device="cpu").manual_seed(getattr(self, "seed", 0))
+                live = (acts[i].flatten(1) != 0).any(1).nonzero().flatten()
+                masks = self.mask_variants(minmax_masks(acts[i, live], x.shape[-2:]), gen)  # (V, L, H, W)
+                flat = masks.flatten(0, 1)
+                probs = []
+                for start in range(0, len(flat), self.batch_size):
+                    masked = (x[i][None] * flat[start:start + self.batch_size, None])
+                    out = self.scores(masked.contiguous(memory_format=torch.channels_last))
+                    probs.append(F.softmax(out, 1)[:, int(targets[i])])
+                alpha[i, live] = torch.cat(probs).view(masks.shape[:2]).mean(0)
+        return alpha
+
+
+class SSCAM(_MaskScoreCAM):
+    """Wang et al. 2020 (SS-CAM): α_k = mean over ``samples`` draws of softmax(f(X ⊙ (H_k + N(0, σ²))))_c.
+
+    H_k: the Score-CAM mask of channel k (upsampled, min-max scaled); the noise is on the mask.
+    """
+
+    name = "sscam"
+
+    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", batch_size: int = 32,
+                 samples: int = 4, sigma: float = 0.2, seed: int = 0):
+        super().__init__(model, layer, output_selector, interpolation, batch_size)
+        if samples <= 0 or sigma < 0:
+            raise ConvlensError("SS-CAM needs samples > 0 and sigma ≥ 0")
+        self.samples, self.sigma, self.seed = samples, sigma, seed
+
+    def mask_variants(self, masks, gen):
+        noise = torch.randn((self.samples, *masks.shape), generator=gen).to(masks) * self.sigma
+        return masks[None] + noise
+
+
+class ISCAM(_MaskScoreCAM):
+    """Naidu et al. 2020 (IS-CAM): α_k = (1/N) Σ_{i=1..N} softmax(f(X ⊙ (i/N)·H_k))_c.
+
+    The Score-CAM score integrated along the mask scale 0 → 1 (right Riemann sum, N = ``samples``).
+    TorchCAM instead accumulates the coefficients (Σ_{j≤i} j/N) and takes a softmax over channels.
+    """
+
+    name = "iscam"
+
+    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", batch_size: int = 32,
+                 samples: int = 4):
+        super().__init__(model, layer, output_selector, interpolation, batch_size)
+        if samples <= 0:
+            raise ConvlensError("IS-CAM needs samples > 0")
+        self.samples = samples
+
+    def mask_variants(self, masks, gen):
+        scale = torch.arange(1, self.samples + 1, dtype=masks.dtype, device=masks.device) / self.samples
+        return scale[:, None, None, None] * masks[None]
+
+
+# ------------------------------------------------------------------ FullGrad
+def bias_of(module: nn.Module) -> torch.Tensor | None:
+    """The per-channel bias a layer adds: a conv's bias, a batch norm's β − μ·γ/√(σ²+ε) (eval mode)."""
+    if isinstance(module, nn.Conv2d):
+        return module.bias.detach() if module.bias is not None else None
+    if isinstance(module, nn.BatchNorm2d) and module.running_mean is not None:
+        scale = module.weight.detach() / torch.sqrt(module.running_var + module.eps) if module.affine else \
+            1 / torch.sqrt(module.running_var + module.eps)
+        shift = module.bias.detach() if module.affine else 0
+        return shift - module.running_mean * scale
+    return None
+
+
+def fullgrad_rescale(t: torch.Tensor) -> torch.Tensor:
+    """FullGrad's ψ before upsampling: |t| shifted to minimum 0 and divided by (its maximum + 1e-6), per sample."""
+    t = t.abs()
+    flat = t.flatten(1)
+    t = t - flat.min(1).values.view(-1, *([1] * (t.dim() - 1)))
+    return t / (t.flatten(1).max(1).values.view(-1, *([1] * (t.dim() - 1))) + 1e-6)
+
+
+class FullGrad(Method):
+    """Srinivas & Fleuret 2019: S = Σ_c ψ(∇_x y^c ⊙ x) + Σ_layers Σ_c ψ(∇_z y^c ⊙ b).
+
+    z: the output of each conv / batch norm with a bias b (batch norm: its effective bias); ψ:
+    |·| min-max rescaled per sample, upsampled bilinearly (align_corners=True) to the input.
+    ``decompose`` returns the unrescaled parts; for piecewise-linear networks they sum to y^c
+    together with the linear layers' bias terms (the completeness the paper proves).
+    """
+
+    name = "fullgrad"
+
+    def decompose(self, x: torch.Tensor, target):
+        """(∇_x y ⊙ x, {layer: ∇_z y ⊙ b}, explained scores, targets) for every biased layer."""
+        named = dict(self.model.named_modules())
+        biased = [(name, b) for name, m in named.items() if name and (b := bias_of(m)) is not None]
+        biased += [(name, m.bias.detach()) for name, m in named.items()
+                   if isinstance(m, nn.Linear) and m.bias is not None]
+        x = x.detach().clone().requires_grad_(True)
+        with frozen(self.model), capture(self.model, [n for n, _ in biased]) as kept, torch.enable_grad():
+            explained, targets = target_scores(self.scores(x), target)
+            ran = [(n, b) for n, b in biased if n in kept.outputs]
+            grads = torch.autograd.grad(explained.sum(), [x] + [kept[n] for n, _ in ran], allow_unused=True)
+        parts = {}
+        for (n, b), g in zip(ran, grads[1:]):
+            if g is None:
+                continue
+            shape = [1, -1] + [1] * (g.dim() - 2)
+            parts[n] = g * b.view(shape)
+        return grads[0] * x.detach(), parts, explained.detach(), targets
+
+    def attribute(self, inputs, target=None) -> Attribution:
+        x = check_input(self.model, inputs)
+        input_part, parts, _, targets = self.decompose(x, target)
+        total = fullgrad_rescale(input_part).sum(1)
+        for part in parts.values():
+            if part.dim() == 4:
+                total = total + F.interpolate(fullgrad_rescale(part), size=x.shape[-2:], mode="bilinear",
+                                              align_corners=True).sum(1)
+        return Attribution(self.name, total, total, targets.cpu())
+
+
+# ------------------------------------------------------------------ several layers
+def default_fusion_layers(model: nn.Module, x: torch.Tensor, count: int = 3) -> list[str]:
+    """The last non-pooling spatial layer of each of the ``count`` deepest resolutions."""
+    layers = [(p, s) for p, s, m in spatial_layers(model, x) if not isinstance(m, POOLING)]
+    chosen: dict[tuple[int, int], str] = {}
+    for path, shape in layers:
+        chosen[tuple(shape[-2:])] = path
+    ordered = sorted(chosen.values(), key=[p for p, _ in layers].index)
+    if not ordered:
+        raise ConvlensError("the model has no layer with a spatial (N, C, H, W) output: CAM methods need one")
+    return ordered[-count:]
+
+
+class FusedCAM(Method):
+    """A CAM computed at several layers, each upsampled and min-max scaled to [0, 1], then averaged.
+
+    ``layer``: a list or a comma-separated string of module paths (default: the deepest layer of each
+    of the three deepest resolutions); ``base``: the CAM method applied at each layer.
+    """
+
+    name = "fusedcam"
+    needs_layer = True
+
+    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", base: str = "gradcam"):
+        super().__init__(model, layer, output_selector, interpolation)
+        from . import METHODS
+
+        base_cls = METHODS.get(base)
+        if not (isinstance(base_cls, type) and issubclass(base_cls, CamMethod)):
+            raise ConvlensError(f"fused CAM needs a CAM-family base method, not {base!r}")
+        self.base_cls = base_cls
+
+    def layers(self, x: torch.Tensor) -> list[str]:
+        if self.layer is None:
+            return default_fusion_layers(self.model, x)
+        names = self.layer.split(",") if isinstance(self.layer, str) else list(self.layer)
+        return [resolve_layer(self.model, n.strip() if isinstance(n, str) else n)[0] for n in names]
+
+    def attribute(self, inputs, target=None) -> Attribution:
+        x = check_input(self.model, inputs)
+        layers = self.layers(x)
+        per_layer = []
+        targets = None
+        for layer in layers:
+            res = self.base_cls(self.model, layer, self.output_selector, self.interpolation).attribute(x, target)
+            targets = res.targets
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                per_layer.append(normalize_maps(res.maps))
+        fused = torch.stack(per_layer).mean(0)
+        return Attribution(self.name, fused, fused, targets, ",".join(layers))
