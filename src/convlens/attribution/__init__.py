@@ -17,6 +17,7 @@ from .base import Attribution, Method, Target, normalize_maps, upsample  # noqa:
 from .cam import CAM, GradCAM, GradCAMPlusPlus, KerasVisGradCAM, LayerCAM, ScoreCAM, XGradCAM
 from .cam_variants import (AblationCAM, EigenCAM, EigenGradCAM, FullGrad, FusedCAM, GradCAMElementWise, HiResCAM,
                            ISCAM, SSCAM, SmoothGradCAMPlusPlus)
+from .perturbation import LIME, RISE, FeatureAblation, KernelSHAP, Occlusion, ShapleySampling
 from .gradient import (Deconvnet, GuidedBackprop, GuidedGradCAM, InputXGradient, IntegratedGradients,
                        Saliency, SmoothGrad)
 
@@ -35,7 +36,8 @@ METHODS: dict[str, type[Method]] = {
                               GuidedBackprop, Deconvnet, GuidedGradCAM, KerasVisGradCAM,
                               IntegratedGradients, InputXGradient, SmoothGradSaliency,
                               HiResCAM, GradCAMElementWise, EigenCAM, EigenGradCAM, AblationCAM,
-                              SmoothGradCAMPlusPlus, SSCAM, ISCAM, FullGrad, FusedCAM)
+                              SmoothGradCAMPlusPlus, SSCAM, ISCAM, FullGrad, FusedCAM,
+                              Occlusion, FeatureAblation, RISE, ShapleySampling, KernelSHAP, LIME)
 }
 
 
