@@ -16,8 +16,8 @@ from ..errors import ConvlensError
 from ..hooks import capture, frozen, resolve_layer, rewrite_outputs, spatial_layers
 from ..hooks import POOLING
 from ..runtime import channels_last_weights
-from .base import Attribution, Method, check_input, normalize_maps, target_scores, upsample
-from .cam import CamMethod, GradCAM, GradCAMPlusPlus, ScoreCAM
+from .base import Attribution, Method, Target, normalize_maps, upsample
+from .cam import CamMethod, GradCAMPlusPlus, LayerPass, ScoreCAM
 
 
 # ------------------------------------------------------------------ weight formulas
@@ -48,11 +48,6 @@ def minmax_masks(acts: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
                        torch.zeros_like(masks))
 
 
-def class_targets(targets: torch.Tensor, name: str) -> None:
-    if bool((targets < 0).any()):
-        raise ConvlensError(f"{name} needs class targets, not a callable")
-
-
 # ------------------------------------------------------------------ gradient CAMs
 class HiResCAM(CamMethod):
     """Draelos & Carin 2020: L = Σ_k ∂y^c/∂A_k ⊙ A_k (element-wise, then summed; no ReLU, signed).
@@ -61,12 +56,13 @@ class HiResCAM(CamMethod):
     """
 
     name = "hirescam"
+    signed = True
 
-    def weights(self, acts, grads, *_):
-        return grads
+    def weights(self, p):
+        return p.grads
 
-    def combine(self, acts, grads, weights):
-        return (weights * acts).sum(1)
+    def combine(self, p, weights):
+        return (weights * p.acts).sum(1)
 
 
 class GradCAMElementWise(CamMethod):
@@ -74,11 +70,11 @@ class GradCAMElementWise(CamMethod):
 
     name = "gradcam-elementwise"
 
-    def weights(self, acts, grads, *_):
-        return grads
+    def weights(self, p):
+        return p.grads
 
-    def combine(self, acts, grads, weights):
-        return F.relu(weights * acts).sum(1)
+    def combine(self, p, weights):
+        return F.relu(weights * p.acts).sum(1)
 
 
 class EigenCAM(CamMethod):
@@ -87,10 +83,10 @@ class EigenCAM(CamMethod):
     name = "eigencam"
     needs_grad = False
 
-    def weights(self, acts, *_):
-        return acts
+    def weights(self, p):
+        return p.acts
 
-    def combine(self, acts, grads, weights):
+    def combine(self, p, weights):
         return F.relu(first_component_projection(weights))
 
 
@@ -100,8 +96,8 @@ class EigenGradCAM(EigenCAM):
     name = "eigengradcam"
     needs_grad = True
 
-    def weights(self, acts, grads, *_):
-        return grads * acts
+    def weights(self, p):
+        return p.grads * p.acts
 
 
 class AblationCAM(CamMethod):
@@ -120,19 +116,20 @@ class AblationCAM(CamMethod):
             raise ConvlensError("Ablation-CAM batch size must be positive")
         self.batch_size = batch_size
 
-    def weights(self, acts, grads, explained, targets, x, layer):
-        n, k = acts.shape[:2]
-        w = torch.zeros(n, k, dtype=acts.dtype, device=acts.device)
+    def weights(self, p):
+        n, k = p.acts.shape[:2]
+        w = torch.zeros(n, k, dtype=p.acts.dtype, device=p.acts.device)
         for i in range(n):
-            live = (acts[i].flatten(1) != 0).any(1).nonzero().flatten()
+            live = (p.acts[i].flatten(1) != 0).any(1).nonzero().flatten()
+            one = p.target.select(torch.tensor([i]))
             for start in range(0, len(live), self.batch_size):
                 idx = live[start:start + self.batch_size]
-                ablated = self.ablated_scores(x[i], idx, targets[i:i + 1], layer)
-                scale = explained[i] if explained[i] != 0 else torch.ones_like(explained[i])
-                w[i, idx] = (explained[i] - ablated) / scale
+                ablated = self.ablated_scores(p.x[i], idx, one.repeat(len(idx)), p.layer)
+                y = p.explained[i]
+                w[i, idx] = (y - ablated) / (y if y != 0 else torch.ones_like(y))
         return w
 
-    def ablated_scores(self, image: torch.Tensor, channels: torch.Tensor, target, layer: str) -> torch.Tensor:
+    def ablated_scores(self, image: torch.Tensor, channels: torch.Tensor, target: Target, layer: str) -> torch.Tensor:
         """The explained score of ``image`` with each of ``channels`` zeroed, one copy per channel."""
         rows = torch.arange(len(channels), device=channels.device)
 
@@ -144,13 +141,7 @@ class AblationCAM(CamMethod):
         batch = image[None].expand(len(channels), *image.shape).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), channels_last_weights(self.model), \
                 rewrite_outputs(self.model, {layer: zero_channel}):
-            repeated = target.expand(len(channels)) if isinstance(target, torch.Tensor) else target
-            return target_scores(self.scores(batch), repeated)[0]
-
-    def attribute(self, inputs, target=None):
-        if callable(target) and not isinstance(target, torch.Tensor):
-            raise ConvlensError("Ablation-CAM needs class targets, not a callable")
-        return super().attribute(inputs, target)
+            return target.explained(self.scores(batch))
 
 
 class SmoothGradCAMPlusPlus(GradCAMPlusPlus):
@@ -169,7 +160,7 @@ class SmoothGradCAMPlusPlus(GradCAMPlusPlus):
             raise ConvlensError("SmoothGrad-CAM++ needs samples > 0, sigma ≥ 0 and a positive batch size")
         self.samples, self.sigma, self.seed, self.batch_size = samples, sigma, seed, batch_size
 
-    def noisy_gradient_powers(self, x, targets, layer) -> tuple[torch.Tensor, ...]:
+    def noisy_gradient_powers(self, x: torch.Tensor, target: Target, layer: str) -> tuple[torch.Tensor, ...]:
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         span = (x.flatten(1).max(1).values - x.flatten(1).min(1).values).view(-1, 1, 1, 1)
         sums = None
@@ -178,38 +169,40 @@ class SmoothGradCAMPlusPlus(GradCAMPlusPlus):
             k = min(per_chunk, self.samples - start)
             noise = torch.randn((k, *x.shape), generator=gen).to(x) * (self.sigma * span)[None]
             noisy = (x[None] + noise).flatten(0, 1)
-            _, g, _, _, _ = self.layer_pass(noisy, targets.repeat(k), layer)
+            g = self.layer_pass(noisy, target.repeat(k), layer).grads
             g = g.view(k, len(x), *g.shape[1:])
             powers = (g.sum(0), g.pow(2).sum(0), g.pow(3).sum(0))
             sums = powers if sums is None else tuple(a + b for a, b in zip(sums, powers))
         return tuple(s / self.samples for s in sums)
 
-    def weights(self, acts, grads, explained, targets, x, layer):
-        d1, d2, d3 = self.noisy_gradient_powers(x, targets, layer)
-        denom = 2 * d2 + (acts * d3).sum((2, 3), keepdim=True)
+    def weights(self, p):
+        d1, d2, d3 = self.noisy_gradient_powers(p.x, p.target, p.layer)
+        denom = 2 * d2 + (p.acts * d3).sum((2, 3), keepdim=True)
         alpha = torch.where(denom != 0, d2 / torch.where(denom != 0, denom, torch.ones_like(denom)),
                             torch.zeros_like(d2))
         return (alpha * F.relu(d1)).sum((2, 3))
 
-    def attribute(self, inputs, target=None):
-        if callable(target) and not isinstance(target, torch.Tensor):
-            raise ConvlensError("SmoothGrad-CAM++ needs class targets, not a callable")
-        return super().attribute(inputs, target)
-
 
 class _MaskScoreCAM(ScoreCAM):
-    """Score-CAM whose channel score averages softmax(f(X ⊙ m))_c over several variants m of each mask."""
+    """Score-CAM whose channel score averages softmax(f(X ⊙ m))_c over several variants m of each mask.
+
+    A score-function target is applied to the softmax probabilities.
+    """
+
+    needs_class_target = False
 
     def mask_variants(self, masks: torch.Tensor, gen: torch.Generator) -> torch.Tensor:  # pragma: no cover
         """(k, H, W) → (variants, k, H, W)."""
         raise NotImplementedError
 
-    def weights(self, acts, grads, explained, targets, x, layer):
+    def weights(self, p):
+        acts, x = p.acts, p.x
         n, k = acts.shape[:2]
         alpha = torch.zeros(n, k, dtype=acts.dtype, device=acts.device)
         with torch.inference_mode(), channels_last_weights(self.model):
             for i in range(n):
                 gen = torch.Generator(device="cpu").manual_seed(getattr(self, "seed", 0))
+                one = p.target.select(torch.tensor([i]))
                 live = (acts[i].flatten(1) != 0).any(1).nonzero().flatten()
                 masks = self.mask_variants(minmax_masks(acts[i, live], x.shape[-2:]), gen)  # (V, L, H, W)
                 flat = masks.flatten(0, 1)
@@ -217,7 +210,7 @@ class _MaskScoreCAM(ScoreCAM):
                 for start in range(0, len(flat), self.batch_size):
                     masked = (x[i][None] * flat[start:start + self.batch_size, None])
                     out = self.scores(masked.contiguous(memory_format=torch.channels_last))
-                    probs.append(F.softmax(out, 1)[:, int(targets[i])])
+                    probs.append(one.repeat(len(out)).explained(F.softmax(out, 1)))
                 alpha[i, live] = torch.cat(probs).view(masks.shape[:2]).mean(0)
         return alpha
 
@@ -296,14 +289,16 @@ class FullGrad(Method):
     name = "fullgrad"
 
     def decompose(self, x: torch.Tensor, target):
-        """(∇_x y ⊙ x, {layer: ∇_z y ⊙ b}, explained scores, targets) for every biased layer."""
+        """(∇_x y ⊙ x, {layer: ∇_z y ⊙ b}, explained scores, resolved target) for every biased layer."""
         named = dict(self.model.named_modules())
         biased = [(name, b) for name, m in named.items() if name and (b := bias_of(m)) is not None]
         biased += [(name, m.bias.detach()) for name, m in named.items()
                    if isinstance(m, nn.Linear) and m.bias is not None]
         x = x.detach().clone().requires_grad_(True)
         with frozen(self.model), capture(self.model, [n for n, _ in biased]) as kept, torch.enable_grad():
-            explained, targets = target_scores(self.scores(x), target)
+            scores = self.scores(x)
+            resolved = self.resolve_target(target, scores)
+            explained = resolved.explained(scores)
             ran = [(n, b) for n, b in biased if n in kept.outputs]
             grads = torch.autograd.grad(explained.sum(), [x] + [kept[n] for n, _ in ran], allow_unused=True)
         parts = {}
@@ -312,17 +307,16 @@ class FullGrad(Method):
                 continue
             shape = [1, -1] + [1] * (g.dim() - 2)
             parts[n] = g * b.view(shape)
-        return grads[0] * x.detach(), parts, explained.detach(), targets
+        return grads[0] * x.detach(), parts, explained.detach(), resolved
 
-    def attribute(self, inputs, target=None) -> Attribution:
-        x = check_input(self.model, inputs)
-        input_part, parts, _, targets = self.decompose(x, target)
+    def compute(self, x, target) -> Attribution:
+        input_part, parts, _, resolved = self.decompose(x, target)
         total = fullgrad_rescale(input_part).sum(1)
         for part in parts.values():
             if part.dim() == 4:
                 total = total + F.interpolate(fullgrad_rescale(part), size=x.shape[-2:], mode="bilinear",
                                               align_corners=True).sum(1)
-        return Attribution(self.name, total, total, targets.cpu())
+        return Attribution(self.name, total, total, resolved)
 
 
 # ------------------------------------------------------------------ several layers
@@ -363,16 +357,14 @@ class FusedCAM(Method):
         names = self.layer.split(",") if isinstance(self.layer, str) else list(self.layer)
         return [resolve_layer(self.model, n.strip() if isinstance(n, str) else n)[0] for n in names]
 
-    def attribute(self, inputs, target=None) -> Attribution:
-        x = check_input(self.model, inputs)
+    def compute(self, x, target) -> Attribution:
         layers = self.layers(x)
         per_layer = []
-        targets = None
         for layer in layers:
             res = self.base_cls(self.model, layer, self.output_selector, self.interpolation).attribute(x, target)
-            targets = res.targets
+            target = res.target  # resolved once, on the first layer's pass
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 per_layer.append(normalize_maps(res.maps))
         fused = torch.stack(per_layer).mean(0)
-        return Attribution(self.name, fused, fused, targets, ",".join(layers))
+        return Attribution(self.name, fused, fused, target, ",".join(layers))

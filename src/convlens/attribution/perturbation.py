@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..errors import ConvlensError
 from ..runtime import channels_last_weights
-from .base import Attribution, Method, check_input, target_scores
+from .base import Attribution, Method, Target
 from .segment import feature_labels
 
 MaskFn = Callable[[int, int, int], torch.Tensor]  # (sample, start, stop) → (stop − start, H, W) keep masks
@@ -47,16 +47,14 @@ class PerturbationMethod(Method):
             return torch.full_like(x, float(self.baseline))
         raise ConvlensError(f"unknown baseline {self.baseline!r}; use a number, 'mean' or a tensor")
 
-    def explained(self, batch: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor]:
-        """(explained score per row, targets) in inference mode."""
+    def outputs(self, batch: torch.Tensor) -> torch.Tensor:
+        """The model's scores (softmaxed for ``score='probability'``), in inference mode."""
         with torch.inference_mode(), channels_last_weights(self.model):
             out = self.scores(batch.contiguous(memory_format=torch.channels_last))
-            if self.score == "probability":
-                out = F.softmax(out, 1)
-            return target_scores(out, target)
+            return F.softmax(out, 1) if self.score == "probability" else out
 
     def masked_scores(self, x: torch.Tensor, base: torch.Tensor, masks: MaskFn, counts: list[int],
-                      clean: torch.Tensor, targets: torch.Tensor, target) -> list[torch.Tensor]:
+                      clean: torch.Tensor, target: Target) -> list[torch.Tensor]:
         """Per sample n, the scores of its ``counts[n]`` masked copies (``masks(n, start, stop)``)."""
         results = [clean[n].repeat(counts[n]).clone() for n in range(len(x))]
         pending: list[tuple[torch.Tensor, int, torch.Tensor]] = []  # (copies, sample, copy indices)
@@ -65,9 +63,8 @@ class PerturbationMethod(Method):
             if not pending:
                 return
             batch = torch.cat([p[0] for p in pending])
-            rows = torch.cat([torch.full((len(p[2]),), p[1], dtype=torch.long) for p in pending]).to(x.device)
-            row_target = targets[rows] if bool((targets >= 0).all()) else target
-            scores, _ = self.explained(batch, row_target)
+            rows = torch.cat([torch.full((len(p[2]),), p[1], dtype=torch.long) for p in pending])
+            scores = target.select(rows).explained(self.outputs(batch))
             start = 0
             for copies, n, idx in pending:
                 results[n][idx] = scores[start:start + len(idx)]
@@ -89,13 +86,14 @@ class PerturbationMethod(Method):
         flush()
         return results
 
-    def prepare(self, inputs, target):
-        x = check_input(self.model, inputs)
-        clean, targets = self.explained(x, target)
-        return x, self.make_baseline(x), clean, targets
+    def prepare(self, x: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Target]:
+        """(x, baseline, clean explained scores, resolved target)."""
+        out = self.outputs(x)
+        resolved = self.resolve_target(target, out)
+        return x, self.make_baseline(x), resolved.explained(out).clone(), resolved
 
-    def result(self, raw: torch.Tensor, targets: torch.Tensor) -> Attribution:
-        return Attribution(self.name, raw, raw, targets.cpu())
+    def result(self, raw: torch.Tensor, target: Target) -> Attribution:
+        return Attribution(self.name, raw, raw, target)
 
 
 # ------------------------------------------------------------------ occlusion
@@ -137,10 +135,9 @@ class Occlusion(PerturbationMethod):
         lefts = [k * sw for k in range(math.ceil((width - ww) / sw) + 1)]
         return [(t, min(t + wh, height), l, min(l + ww, width)) for t in tops for l in lefts]
 
-    def attribute(self, inputs, target=None) -> Attribution:
-        x = check_input(self.model, inputs)
+    def compute(self, x, target) -> Attribution:
         wins = self.windows(*x.shape[-2:])
-        x, base, clean, targets = self.prepare(x, target)
+        x, base, clean, target = self.prepare(x, target)
 
         def masks(_n, start, stop):
             m = torch.ones(stop - start, *x.shape[-2:], device=x.device)
@@ -148,14 +145,14 @@ class Occlusion(PerturbationMethod):
                 m[i, t:b, l:r] = 0
             return m
 
-        scores = self.masked_scores(x, base, masks, [len(wins)] * len(x), clean, targets, target)
+        scores = self.masked_scores(x, base, masks, [len(wins)] * len(x), clean, target)
         total = torch.zeros(x.shape[0], *x.shape[-2:], dtype=x.dtype, device=x.device)
         count = torch.zeros(x.shape[-2:], dtype=x.dtype, device=x.device)
         for j, (t, b, l, r) in enumerate(wins):
             count[t:b, l:r] += 1
             for n in range(len(x)):
                 total[n, t:b, l:r] += clean[n] - scores[n][j]
-        return self.result(total / count, targets)
+        return self.result(total / count, target)
 
 
 # ------------------------------------------------------------------ feature methods
@@ -174,12 +171,12 @@ class FeatureMethod(PerturbationMethod):
     def labels(self, x: torch.Tensor) -> torch.Tensor:
         return feature_labels(self.features, x, self.cells, self.segments)
 
-    def coalition_scores(self, x, base, labels, coalitions: list[torch.Tensor], clean, targets, target):
+    def coalition_scores(self, x, base, labels, coalitions: list[torch.Tensor], clean, target: Target):
         """Scores of each sample's coalitions (rows of ``coalitions[n]``, (S_n, F_n) bool)."""
         def masks(n, start, stop):
             return coalitions[n][start:stop][:, labels[n]].float()
 
-        return self.masked_scores(x, base, masks, [len(c) for c in coalitions], clean, targets, target)
+        return self.masked_scores(x, base, masks, [len(c) for c in coalitions], clean, target)
 
     @staticmethod
     def paint(values: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -198,12 +195,12 @@ class FeatureAblation(FeatureMethod):
         super().__init__(model, layer, output_selector, interpolation, baseline, batch_size, features, cells,
                          segments)
 
-    def attribute(self, inputs, target=None) -> Attribution:
-        x, base, clean, targets = self.prepare(inputs, target)
+    def compute(self, x, target) -> Attribution:
+        x, base, clean, target = self.prepare(x, target)
         labels = self.labels(x)
         coalitions = [~torch.eye(int(lab.max()) + 1, dtype=torch.bool, device=x.device) for lab in labels]
-        scores = self.coalition_scores(x, base, labels, coalitions, clean, targets, target)
-        return self.result(self.paint([clean[n] - s for n, s in enumerate(scores)], labels), targets)
+        scores = self.coalition_scores(x, base, labels, coalitions, clean, target)
+        return self.result(self.paint([clean[n] - s for n, s in enumerate(scores)], labels), target)
 
 
 class ShapleySampling(FeatureMethod):
@@ -226,8 +223,8 @@ class ShapleySampling(FeatureMethod):
             raise ConvlensError("Shapley sampling needs permutations > 0")
         self.permutations, self.seed = permutations, seed
 
-    def attribute(self, inputs, target=None) -> Attribution:
-        x, base, clean, targets = self.prepare(inputs, target)
+    def compute(self, x, target) -> Attribution:
+        x, base, clean, target = self.prepare(x, target)
         labels = self.labels(x)
         orders, coalitions = [], []
         for lab in labels:
@@ -239,7 +236,7 @@ class ShapleySampling(FeatureMethod):
             states = ranks[:, None, :] < torch.arange(1, f + 1, device=x.device)[None, :, None]   # (P, F, F)
             orders.append(perms)
             coalitions.append(torch.cat([torch.zeros(1, f, dtype=torch.bool, device=x.device), states.flatten(0, 1)]))
-        scores = self.coalition_scores(x, base, labels, coalitions, clean, targets, target)
+        scores = self.coalition_scores(x, base, labels, coalitions, clean, target)
         values = []
         for perms, s in zip(orders, scores):
             p, f = perms.shape
@@ -247,7 +244,7 @@ class ShapleySampling(FeatureMethod):
             gains = chain[:, 1:] - chain[:, :-1]
             values.append(torch.zeros(f, dtype=s.dtype, device=s.device).index_add_(
                 0, perms.flatten(), gains.flatten()) / p)
-        return self.result(self.paint(values, labels), targets)
+        return self.result(self.paint(values, labels), target)
 
 
 def solve_weighted(design: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
@@ -296,16 +293,16 @@ class KernelSHAP(FeatureMethod):
         z = order < drawn[:, None]
         return z.to(device), torch.ones(self.samples, dtype=torch.double, device=device)
 
-    def attribute(self, inputs, target=None) -> Attribution:
-        x, base, clean, targets = self.prepare(inputs, target)
+    def compute(self, x, target) -> Attribution:
+        x, base, clean, target = self.prepare(x, target)
         labels = self.labels(x)
         drawn = [self.coalitions(int(lab.max()) + 1, x.device) for lab in labels]
         full = [torch.cat([torch.zeros(1, z.shape[1], dtype=torch.bool, device=x.device), z]) for z, _ in drawn]
-        scores = self.coalition_scores(x, base, labels, full, clean, targets, target)
+        scores = self.coalition_scores(x, base, labels, full, clean, target)
         values = []
         for (z, w), s, y_full in zip(drawn, scores, clean):
             values.append(self.shapley_fit(z, w, s[1:], s[0], y_full))
-        return self.result(self.paint(values, labels), targets)
+        return self.result(self.paint(values, labels), target)
 
     @staticmethod
     def shapley_fit(z, w, y, y_empty, y_full) -> torch.Tensor:
@@ -361,12 +358,12 @@ class LIME(FeatureMethod):
         mean_y = (w * yd).sum() / w.sum()
         return solve_weighted(zd - mean_z, yd - mean_y, w, self.ridge).to(y.dtype)
 
-    def attribute(self, inputs, target=None) -> Attribution:
-        x, base, clean, targets = self.prepare(inputs, target)
+    def compute(self, x, target) -> Attribution:
+        x, base, clean, target = self.prepare(x, target)
         labels = self.labels(x)
         coalitions = [self.coalitions(int(lab.max()) + 1, x.device) for lab in labels]
-        scores = self.coalition_scores(x, base, labels, coalitions, clean, targets, target)
-        return self.result(self.paint([self.fit(z, s) for z, s in zip(coalitions, scores)], labels), targets)
+        scores = self.coalition_scores(x, base, labels, coalitions, clean, target)
+        return self.result(self.paint([self.fit(z, s) for z, s in zip(coalitions, scores)], labels), target)
 
 
 # ------------------------------------------------------------------ RISE
@@ -400,11 +397,10 @@ class RISE(PerturbationMethod):
         return torch.stack([up[i, dy:dy + height, dx:dx + width]
                             for i, (dy, dx) in enumerate(zip(shift_y.tolist(), shift_x.tolist()))])
 
-    def attribute(self, inputs, target=None) -> Attribution:
-        x, base, clean, targets = self.prepare(inputs, target)
+    def compute(self, x, target) -> Attribution:
+        x, base, clean, target = self.prepare(x, target)
         masks = self.make_masks(*x.shape[-2:], device=x.device)
-        scores = self.masked_scores(x, base, lambda _n, a, b: masks[a:b], [len(masks)] * len(x), clean, targets,
-                                    target)
+        scores = self.masked_scores(x, base, lambda _n, a, b: masks[a:b], [len(masks)] * len(x), clean, target)
         stacked = torch.stack(scores).to(masks.dtype)                        # (N, masks)
         raw = torch.einsum("nm,mhw->nhw", stacked, masks) / (len(masks) * self.p)
-        return self.result(raw.to(x.dtype), targets)
+        return self.result(raw.to(x.dtype), target)
