@@ -242,6 +242,27 @@ def relu_call(func, args, kwargs) -> tuple[float | None, bool] | None:
     return None
 
 
+class _CallableRuleReLU(torch.autograd.Function):
+    """y = clamp(x, 0, upper) (in place when asked); backward ``rule(x, y, grad_out, upper)`` (input kept)."""
+
+    @staticmethod
+    def forward(ctx, x, upper, rule, inplace):
+        kept = x.clone() if inplace else x
+        if inplace:
+            out = x.clamp_(0, upper) if upper is not None else x.clamp_min_(0)
+            ctx.mark_dirty(x)
+        else:
+            out = x.clamp(0, upper) if upper is not None else x.clamp_min(0)
+        ctx.save_for_backward(kept, out)
+        ctx.upper, ctx.rule = upper, rule
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, out = ctx.saved_tensors
+        return ctx.rule(x, out, grad_out, ctx.upper), None, None, None
+
+
 class _ReluRuleMode(TorchFunctionMode):
     def __init__(self, rule: str):
         super().__init__()
@@ -256,13 +277,16 @@ class _ReluRuleMode(TorchFunctionMode):
             return func(*args, **kwargs)
         self.calls += 1
         upper, inplace = call
+        if callable(self.rule):
+            return _CallableRuleReLU.apply(x, upper, self.rule, inplace)
         return _RuleReLU.apply(x, upper, self.rule, inplace)
 
 
 @contextlib.contextmanager
-def relu_rule(rule: str) -> Iterator[_ReluRuleMode]:
-    """Apply the ``"guided"`` or ``"deconvnet"`` backward rule to every ReLU-family call in the block."""
-    if rule not in ("guided", "deconvnet"):
+def relu_rule(rule) -> Iterator[_ReluRuleMode]:
+    """Apply the ``"guided"`` or ``"deconvnet"`` backward rule to every ReLU-family call in the block, or a
+    callable ``rule(x, y, grad_out, upper) → grad_in`` (DeepLIFT's rescale, LRP's relevance pass)."""
+    if not callable(rule) and rule not in ("guided", "deconvnet"):
         raise ValueError(f"unknown ReLU rule {rule!r}")
     mode = _ReluRuleMode(rule)
     with mode:

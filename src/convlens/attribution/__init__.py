@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import ConvlensError
 from .base import Attribution, Method, Target, normalize_maps, upsample  # noqa: F401
 from .cam import CAM, GradCAM, GradCAMPlusPlus, KerasVisGradCAM, LayerCAM, ScoreCAM, XGradCAM
+from .backprop import DeepLift, GradientSHAP
 from .cam_variants import (AblationCAM, EigenCAM, EigenGradCAM, FullGrad, FusedCAM, GradCAMElementWise, HiResCAM,
                            ISCAM, SSCAM, SmoothGradCAMPlusPlus)
 from .perturbation import LIME, RISE, FeatureAblation, KernelSHAP, Occlusion, ShapleySampling
@@ -37,7 +38,8 @@ METHODS: dict[str, type[Method]] = {
                               IntegratedGradients, InputXGradient, SmoothGradSaliency,
                               HiResCAM, GradCAMElementWise, EigenCAM, EigenGradCAM, AblationCAM,
                               SmoothGradCAMPlusPlus, SSCAM, ISCAM, FullGrad, FusedCAM,
-                              Occlusion, FeatureAblation, RISE, ShapleySampling, KernelSHAP, LIME)
+                              Occlusion, FeatureAblation, RISE, ShapleySampling, KernelSHAP, LIME,
+                              DeepLift, GradientSHAP)
 }
 
 
