@@ -18,6 +18,7 @@ from .cam import CAM, GradCAM, GradCAMPlusPlus, KerasVisGradCAM, LayerCAM, Score
 from .backprop import DeepLift, GradientSHAP
 from .cam_variants import (AblationCAM, EigenCAM, EigenGradCAM, FullGrad, FusedCAM, GradCAMElementWise, HiResCAM,
                            ISCAM, SSCAM, SmoothGradCAMPlusPlus)
+from .lrp import LRP
 from .perturbation import LIME, RISE, FeatureAblation, KernelSHAP, Occlusion, ShapleySampling
 from .gradient import (Deconvnet, GuidedBackprop, GuidedGradCAM, InputXGradient, IntegratedGradients,
                        Saliency, SmoothGrad)
@@ -39,7 +40,7 @@ METHODS: dict[str, type[Method]] = {
                               HiResCAM, GradCAMElementWise, EigenCAM, EigenGradCAM, AblationCAM,
                               SmoothGradCAMPlusPlus, SSCAM, ISCAM, FullGrad, FusedCAM,
                               Occlusion, FeatureAblation, RISE, ShapleySampling, KernelSHAP, LIME,
-                              DeepLift, GradientSHAP)
+                              DeepLift, GradientSHAP, LRP)
 }
 
 
