@@ -19,6 +19,7 @@ from .backprop import DeepLift, GradientSHAP
 from .cam_variants import (AblationCAM, EigenCAM, EigenGradCAM, FullGrad, FusedCAM, GradCAMElementWise, HiResCAM,
                            ISCAM, SSCAM, SmoothGradCAMPlusPlus)
 from .lrp import LRP
+from .noise import TUNNEL_OPTIONS, NoiseTunnel, SmoothGradSquared, VarGrad, split_tunnel_name
 from .perturbation import LIME, RISE, FeatureAblation, KernelSHAP, Occlusion, ShapleySampling
 from .gradient import (Deconvnet, GuidedBackprop, GuidedGradCAM, InputXGradient, IntegratedGradients,
                        Saliency, SmoothGrad)
@@ -40,7 +41,7 @@ METHODS: dict[str, type[Method]] = {
                               HiResCAM, GradCAMElementWise, EigenCAM, EigenGradCAM, AblationCAM,
                               SmoothGradCAMPlusPlus, SSCAM, ISCAM, FullGrad, FusedCAM,
                               Occlusion, FeatureAblation, RISE, ShapleySampling, KernelSHAP, LIME,
-                              DeepLift, GradientSHAP, LRP)
+                              DeepLift, GradientSHAP, LRP, SmoothGradSquared, VarGrad)
 }
 
 
@@ -57,7 +58,13 @@ class MethodInfo:
 
 
 def method_info(name: str) -> MethodInfo:
-    """The :class:`MethodInfo` of a registered method; an unknown name is a ConvlensError."""
+    """The :class:`MethodInfo` of a registered method or a noise tunnel over one ('vargrad:gradcam');
+    an unknown name is a ConvlensError."""
+    tunnel = split_tunnel_name(name)
+    if tunnel is not None:
+        base = method_info(tunnel[1])
+        return MethodInfo(name, base.needs_layer, base.needs_class_target, base.signed and tunnel[0] == "smoothgrad",
+                          base.gradient_image, {**base.fast_options, **NoiseTunnel.fast_options})
     if name not in METHODS:
         raise ConvlensError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     cls = METHODS[name]
@@ -67,12 +74,17 @@ def method_info(name: str) -> MethodInfo:
 
 def uses_layer(name: str) -> bool:
     """Whether the method reads a layer (CAM family, guided Grad-CAM): ``--layer`` applies to it."""
-    return name in METHODS and method_info(name).needs_layer
+    return (name in METHODS or split_tunnel_name(name) is not None) and method_info(name).needs_layer
 
 
 def make_method(name: str, model: nn.Module, layer=None, **options) -> Method:
     """A method instance by name (see ``METHODS``)."""
     method_info(name)  # validates the name
+    tunnel = split_tunnel_name(name)
+    if tunnel is not None:
+        outer = {k: v for k, v in options.items() if k in TUNNEL_OPTIONS}
+        inner = {k: v for k, v in options.items() if k not in TUNNEL_OPTIONS}
+        return NoiseTunnel(make_method(tunnel[1], model, layer, **inner), tunnel[0], **outer)
     return METHODS[name](model, layer=layer, **options)
 
 
