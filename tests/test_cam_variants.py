@@ -122,6 +122,11 @@ def test_ablationcam_weights_are_relative_score_drops(net, x):
     want = F.relu((expected[:, :, None, None] * a).sum(1))
     assert torch.allclose(res.raw, want, atol=1e-5)
     assert res.raw.abs().sum() > 0
+    # quick setting: only the 2 most active channels are scored, the others weigh 0
+    top = a.mean((2, 3)).topk(2, dim=1).indices
+    kept = torch.zeros_like(expected).scatter_(1, top, expected.gather(1, top))
+    quick = attribute("ablationcam", net, x, target=TARGETS, layer="act2", max_channels=2)
+    assert torch.allclose(quick.raw, F.relu((kept[:, :, None, None] * a).sum(1)), atol=1e-5)
 
 
 def smoothgradcampp_weights(net, x, targets, noises):

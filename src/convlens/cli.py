@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="attribution maps (Grad-CAM, guided Grad-CAM, …) for images")
     p.add_argument("images", nargs="*", help="image files or folders (default: the shipped photos)")
     add_common(p, "efficientnet-lite0", "convlens-out/explain")
-    p.add_argument("--methods", type=str_list, help="comma-separated; default: " + "gradcam,guided-gradcam,…")
+    p.add_argument("--methods", type=str_list, help="comma-separated, KIND:METHOD for a noise tunnel "
+                   "(smoothgrad:gradcam), or 'all'; default: gradcam,guided-gradcam,…")
     p.add_argument("--target", help="class index or name, or 'predicted' (default)")
     p.add_argument("--layer", help="module path of the CAM layer (default: automatic)")
     p.add_argument("--batch-size", type=positive_int,

@@ -143,7 +143,8 @@ def method_for(loaded: LoadedModel, name: str, layer: str | None = None, model=N
     and the input range for methods that take one (integrated gradients' black baseline)."""
     method_layer = (layer or loaded.profile.explain_layer) if uses_layer(name) else None
     options = {**method_info(name).fast_options, **options}
-    if "input_range" in inspect.signature(METHODS[name]).parameters:
+    base = name.split(":", 1)[-1]  # a noise tunnel passes the base method's options on
+    if base in METHODS and "input_range" in inspect.signature(METHODS[base]).parameters:
         options.setdefault("input_range", loaded.input_range)
     return make_method(name, model if model is not None else loaded.model, layer=method_layer, **options)
 
@@ -158,6 +159,31 @@ def run_methods(loaded: LoadedModel, x: torch.Tensor, methods: list[str], target
         results[name] = method.attribute(x.to(loaded.device), target)
         seconds[name] = time.perf_counter() - start
     return {"results": results, "seconds": seconds}
+
+
+def has_cam_head(loaded: LoadedModel) -> bool:
+    """Whether CAM applies: a global-average-pooling → linear head after the explain layer."""
+    try:
+        make_method("cam", loaded.model, layer=loaded.profile.explain_layer).attribute(
+            loaded.profile.example(loaded.device).requires_grad_(False), 0)
+        return True
+    except ConvlensError:
+        return False
+
+
+def expand_methods(methods: list[str] | None, loaded: LoadedModel) -> list[str]:
+    """The method names to run: the defaults, the given ones, or for ['all'] every registered method that
+    applies to the model (CAM only with a global-average-pooling → linear head)."""
+    if not methods:
+        return list(DEFAULT_METHODS)
+    if methods == ["all"]:
+        return [m for m in METHODS if m != "cam" or has_cam_head(loaded)]
+    return methods
+
+
+def file_safe(name: str) -> str:
+    """A method name usable in a file name ('smoothgrad:gradcam' → 'smoothgrad-gradcam')."""
+    return name.replace(":", "-")
 
 
 # more images than this: contact sheets (20 images a page) instead of one matplotlib figure per image
@@ -177,7 +203,7 @@ def explain(loaded: LoadedModel, items, out: str | Path, methods: list[str] | No
     """
     from .plots.attribution import ContactSheets
 
-    methods = methods or DEFAULT_METHODS
+    methods = expand_methods(methods, loaded)
     for name in methods:
         make_method(name, loaded.model)  # validate names before any work
     if layer is not None:
@@ -250,7 +276,7 @@ def image_figures(loaded: LoadedModel, x: torch.Tensor, k: int, run: dict, metho
         return sheets.add(f"{name}: {label}", image, panels)
     figure = {"overlays": {}}
     for m in overlays or []:
-        figure["overlays"][m] = plot_overlay(image, panels[m], f"{m}: {label}", out / f"{stem}_{m}.png",
+        figure["overlays"][m] = plot_overlay(image, panels[m], f"{m}: {label}", out / f"{stem}_{file_safe(m)}.png",
                                              shows_sign(m)).name
     figure["methods"] = plot_methods(image, panels, f"{name}: {label}", out / f"{stem}_methods.png").name
     return figure

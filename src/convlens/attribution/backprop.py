@@ -3,25 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from ..blur import blur
+from ..baselines import make_baseline
 from ..errors import ConvlensError
 from ..hooks import frozen, relu_rule
 from ..runtime import channels_last_weights
 from .base import Attribution, Method
 from .gradient import Saliency, reduce_channels
-
-
-def make_reference(x: torch.Tensor, baseline) -> torch.Tensor:
-    """A baseline like ``x``: a number, 'zero', 'blur', or a tensor broadcastable to ``x``."""
-    if isinstance(baseline, torch.Tensor):
-        return baseline.to(x).expand_as(x)
-    if baseline == "zero":
-        return torch.zeros_like(x)
-    if baseline == "blur":
-        return blur(x)
-    if isinstance(baseline, (int, float)) and not isinstance(baseline, bool):
-        return torch.full_like(x, float(baseline))
-    raise ConvlensError(f"unknown baseline {baseline!r}; use a number, zero, blur or a tensor")
 
 
 def rescale_rule(x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, upper) -> torch.Tensor:
@@ -54,7 +41,7 @@ class DeepLift(Method):
         self.baseline = baseline
 
     def compute(self, x, target) -> Attribution:
-        x0 = make_reference(x, self.baseline)
+        x0 = make_baseline(x, self.baseline)
         n = len(x)
         both = torch.cat([x, x0]).contiguous(memory_format=torch.channels_last).requires_grad_(True)
         with frozen(self.model), channels_last_weights(self.model), relu_rule(rescale_rule), torch.enable_grad():
@@ -72,7 +59,7 @@ class DeepLift(Method):
 class GradientSHAP(Method):
     """Lundberg & Lee 2017 (expected gradients): φ = E[(x̃ − b) ⊙ ∂y/∂x (b + α(x̃ − b))] over
     ``samples`` draws of a baseline b from ``baselines`` (a (B, C, H, W) tensor, or one baseline as
-    in :func:`make_reference`), α ~ U(0, 1) and x̃ = x + N(0, (σ·(max x − min x))²).
+    in :func:`convlens.baselines.make_baseline`), α ~ U(0, 1) and x̃ = x + N(0, (σ·(max x − min x))²).
 
     Draws come from a generator seeded with ``seed`` (see :meth:`draws`); copies run in batches of
     ``batch_size`` inputs.
@@ -94,7 +81,7 @@ class GradientSHAP(Method):
         if isinstance(self.baselines, torch.Tensor) and self.baselines.dim() == 4 and \
                 self.baselines.shape[1:] == x.shape[1:]:
             return self.baselines.to(x)[:, None].expand(-1, *x.shape)
-        return make_reference(x, self.baselines)[None]
+        return make_baseline(x, self.baselines)[None]
 
     def draws(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(baseline index (S, N), α (S, N), noise (S, N, C, H, W)) for ``samples`` draws."""

@@ -38,6 +38,21 @@ def first_component_projection(matrix: torch.Tensor) -> torch.Tensor:
     return (proj[..., 0] * sign[:, None]).view(n, h, w).to(matrix.dtype)
 
 
+def scored_channels(act: torch.Tensor, max_channels: int | None) -> torch.Tensor:
+    """Indices of the channels of one sample's (K, h, w) activation worth a forward: those not all zero
+    (an all-zero channel adds w·0 whatever w is), limited to the ``max_channels`` with the largest mean
+    activation when given (an approximation: the others weigh 0)."""
+    live = (act.flatten(1) != 0).any(1).nonzero().flatten()
+    if max_channels is not None and len(live) > max_channels:
+        live = live[act[live].mean((1, 2)).topk(max_channels).indices.sort().values]
+    return live
+
+
+def check_max_channels(max_channels: int | None) -> None:
+    if max_channels is not None and max_channels <= 0:
+        raise ConvlensError("max_channels must be positive (or None for every channel)")
+
+
 def minmax_masks(acts: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Score-CAM masks: each channel upsampled (bilinear) and scaled to [0, 1]; a flat channel → 0."""
     masks = upsample(acts, size, "bilinear")
@@ -105,22 +120,26 @@ class AblationCAM(CamMethod):
 
     One forward per live channel (the layer's output is rewritten in place of channel k), in batches of
     ``batch_size``; a channel that is already all zero gives y^c_k = y^c, so it is skipped (w_k = 0).
+    ``max_channels`` (the CLI's quick setting: 64) scores only the most active channels.
     """
 
     name = "ablationcam"
     needs_grad = False
+    fast_options = {"max_channels": 64}
 
-    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", batch_size: int = 64):
+    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", batch_size: int = 64,
+                 max_channels: int | None = None):
         super().__init__(model, layer, output_selector, interpolation)
         if batch_size <= 0:
             raise ConvlensError("Ablation-CAM batch size must be positive")
-        self.batch_size = batch_size
+        check_max_channels(max_channels)
+        self.batch_size, self.max_channels = batch_size, max_channels
 
     def weights(self, p):
         n, k = p.acts.shape[:2]
         w = torch.zeros(n, k, dtype=p.acts.dtype, device=p.acts.device)
         for i in range(n):
-            live = (p.acts[i].flatten(1) != 0).any(1).nonzero().flatten()
+            live = scored_channels(p.acts[i], self.max_channels)
             one = p.target.select(torch.tensor([i]))
             for start in range(0, len(live), self.batch_size):
                 idx = live[start:start + self.batch_size]
@@ -186,7 +205,8 @@ class SmoothGradCAMPlusPlus(GradCAMPlusPlus):
 class _MaskScoreCAM(ScoreCAM):
     """Score-CAM whose channel score averages softmax(f(X ⊙ m))_c over several variants m of each mask.
 
-    A score-function target is applied to the softmax probabilities.
+    A score-function target is applied to the softmax probabilities. ``max_channels`` (the CLI's quick
+    setting) scores only the most active channels; the others weigh 0.
     """
 
     needs_class_target = False
@@ -203,7 +223,7 @@ class _MaskScoreCAM(ScoreCAM):
             for i in range(n):
                 gen = torch.Generator(device="cpu").manual_seed(getattr(self, "seed", 0))
                 one = p.target.select(torch.tensor([i]))
-                live = (acts[i].flatten(1) != 0).any(1).nonzero().flatten()
+                live = scored_channels(acts[i], self.max_channels)
                 masks = self.mask_variants(minmax_masks(acts[i, live], x.shape[-2:]), gen)  # (V, L, H, W)
                 flat = masks.flatten(0, 1)
                 probs = []
@@ -222,10 +242,13 @@ class SSCAM(_MaskScoreCAM):
     """
 
     name = "sscam"
+    fast_options = {"max_channels": 32, "samples": 2}
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", batch_size: int = 32,
-                 samples: int = 4, sigma: float = 0.2, seed: int = 0):
+                 samples: int = 4, sigma: float = 0.2, seed: int = 0, max_channels: int | None = None):
         super().__init__(model, layer, output_selector, interpolation, batch_size)
+        check_max_channels(max_channels)
+        self.max_channels = max_channels
         if samples <= 0 or sigma < 0:
             raise ConvlensError("SS-CAM needs samples > 0 and sigma ≥ 0")
         self.samples, self.sigma, self.seed = samples, sigma, seed
@@ -243,10 +266,13 @@ class ISCAM(_MaskScoreCAM):
     """
 
     name = "iscam"
+    fast_options = {"max_channels": 32, "samples": 2}
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", batch_size: int = 32,
-                 samples: int = 4):
+                 samples: int = 4, max_channels: int | None = None):
         super().__init__(model, layer, output_selector, interpolation, batch_size)
+        check_max_channels(max_channels)
+        self.max_channels = max_channels
         if samples <= 0:
             raise ConvlensError("IS-CAM needs samples > 0")
         self.samples = samples

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..baselines import make_baseline
 from ..errors import ConvlensError
 from ..runtime import channels_last_weights
 from .base import Attribution, Method, Target
@@ -25,7 +26,7 @@ MaskFn = Callable[[int, int, int], torch.Tensor]  # (sample, start, stop) → (s
 class PerturbationMethod(Method):
     """Template: clean scores, masked copies through :meth:`masked_scores`, a map from the score changes.
 
-    ``baseline``: a number, 'mean' (per-image channel mean) or a tensor broadcastable to the input;
+    ``baseline``: see :func:`convlens.baselines.make_baseline` ('zero', 'mean', 'blur', a number, a tensor);
     ``score``: 'logit' (the explained output) or 'probability' (its softmax).
     """
 
@@ -37,15 +38,6 @@ class PerturbationMethod(Method):
         if batch_size <= 0:
             raise ConvlensError(f"{self.name}: batch size must be positive")
         self.baseline, self.batch_size = baseline, batch_size
-
-    def make_baseline(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.baseline, torch.Tensor):
-            return self.baseline.to(x).expand_as(x)
-        if self.baseline == "mean":
-            return x.mean((2, 3), keepdim=True).expand_as(x)
-        if isinstance(self.baseline, (int, float)):
-            return torch.full_like(x, float(self.baseline))
-        raise ConvlensError(f"unknown baseline {self.baseline!r}; use a number, 'mean' or a tensor")
 
     def outputs(self, batch: torch.Tensor) -> torch.Tensor:
         """The model's scores (softmaxed for ``score='probability'``), in inference mode."""
@@ -90,7 +82,7 @@ class PerturbationMethod(Method):
         """(x, baseline, clean explained scores, resolved target)."""
         out = self.outputs(x)
         resolved = self.resolve_target(target, out)
-        return x, self.make_baseline(x), resolved.explained(out).clone(), resolved
+        return x, make_baseline(x, self.baseline), resolved.explained(out).clone(), resolved
 
     def result(self, raw: torch.Tensor, target: Target) -> Attribution:
         return Attribution(self.name, raw, raw, target)

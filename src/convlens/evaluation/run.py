@@ -10,7 +10,7 @@ import torch
 from ..attribution import METHODS, make_method
 from ..data.mnist import load_mnist
 from ..errors import ConvlensError
-from ..explain import load_batch, method_for, run_methods
+from ..explain import has_cam_head, load_batch, method_for, run_methods
 from ..io import ensure_dir, write_json
 from ..attribution.base import select_output
 from ..hooks import evaluating
@@ -21,16 +21,6 @@ from . import perturbation, sanity
 FAST_METHODS = ["gradcam", "gradcam++", "layercam", "xgradcam", "saliency", "guided-backprop", "deconvnet",
                 "guided-gradcam", "input-x-gradient", "integrated-gradients", "smoothgrad"]
 SANITY_METHODS = ["gradcam", "saliency", "guided-backprop", "guided-gradcam", "integrated-gradients"]
-
-
-def has_cam_head(loaded: LoadedModel) -> bool:
-    """Whether CAM applies: a global-average-pooling → linear head after the explain layer."""
-    try:
-        make_method("cam", loaded.model, layer=loaded.profile.explain_layer).attribute(
-            loaded.profile.example(loaded.device).requires_grad_(False), 0)
-        return True
-    except ConvlensError:
-        return False
 
 
 def resolve_methods(names: list[str] | None, loaded: LoadedModel) -> list[str]:

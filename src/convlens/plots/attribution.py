@@ -18,7 +18,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ..attribution import METHODS, method_info
+from ..attribution import method_info
+from ..errors import ConvlensError
 from ..io import save_figure
 from . import wrap_title
 
@@ -90,9 +91,10 @@ def gradient_image(raw: np.ndarray) -> np.ndarray:
 
 def method_traits(name: str) -> tuple[bool, bool]:
     """(gradient_image, signed) of a registered method (:func:`method_info`); False for unknown names."""
-    if name not in METHODS:
+    try:
+        info = method_info(name)  # registered names and noise tunnels over them ('vargrad:lrp')
+    except ConvlensError:
         return False, False
-    info = method_info(name)
     return info.gradient_image, info.signed
 
 
