@@ -197,3 +197,9 @@ def test_occlusion_bad_geometry(net, x, options, fragment):
 def test_zero_samples_rejected(net, name, options):
     with pytest.raises(ConvlensError):
         make_method(name, net, **options)
+
+
+def test_occlusion_window_as_fraction(net, x):
+    frac = attribute("occlusion", net, x, target=TARGETS, window=0.25, stride=0.25)
+    pixels = attribute("occlusion", net, x, target=TARGETS, window=3, stride=3)
+    assert torch.equal(frac.raw, pixels.raw)

@@ -67,6 +67,7 @@ class GradientSHAP(Method):
 
     name = "gradient-shap"
     signed = True
+    fast_options = {"samples": 8}
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", baselines="zero",
                  samples: int = 16, sigma: float = 0.1, seed: int = 0, batch_size: int = 128):

@@ -120,12 +120,12 @@ class AblationCAM(CamMethod):
 
     One forward per live channel (the layer's output is rewritten in place of channel k), in batches of
     ``batch_size``; a channel that is already all zero gives y^c_k = y^c, so it is skipped (w_k = 0).
-    ``max_channels`` (the CLI's quick setting: 64) scores only the most active channels.
+    ``max_channels`` (the CLI's quick setting: 32) scores only the most active channels.
     """
 
     name = "ablationcam"
     needs_grad = False
-    fast_options = {"max_channels": 64}
+    fast_options = {"max_channels": 32}
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", batch_size: int = 64,
                  max_channels: int | None = None):
@@ -242,7 +242,7 @@ class SSCAM(_MaskScoreCAM):
     """
 
     name = "sscam"
-    fast_options = {"max_channels": 32, "samples": 2}
+    fast_options = {"max_channels": 16, "samples": 2}
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", batch_size: int = 32,
                  samples: int = 4, sigma: float = 0.2, seed: int = 0, max_channels: int | None = None):
@@ -266,7 +266,7 @@ class ISCAM(_MaskScoreCAM):
     """
 
     name = "iscam"
-    fast_options = {"max_channels": 32, "samples": 2}
+    fast_options = {"max_channels": 16, "samples": 2}
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", batch_size: int = 32,
                  samples: int = 4, max_channels: int | None = None):
@@ -340,8 +340,9 @@ class FullGrad(Method):
         total = fullgrad_rescale(input_part).sum(1)
         for part in parts.values():
             if part.dim() == 4:
-                total = total + F.interpolate(fullgrad_rescale(part), size=x.shape[-2:], mode="bilinear",
-                                              align_corners=True).sum(1)
+                # the channel sum commutes with (linear) interpolation: one map per layer is upsampled
+                total = total + F.interpolate(fullgrad_rescale(part).sum(1, keepdim=True), size=x.shape[-2:],
+                                              mode="bilinear", align_corners=True)[:, 0]
         return Attribution(self.name, total, total, resolved)
 
 

@@ -89,8 +89,12 @@ class PerturbationMethod(Method):
 
 
 # ------------------------------------------------------------------ occlusion
-def pair(value) -> tuple[int, int]:
-    return (int(value), int(value)) if isinstance(value, (int, float)) else (int(value[0]), int(value[1]))
+def pair(value, height: int, width: int) -> tuple[int, int]:
+    """(h, w) from an int, a pair, or a fraction in (0, 1) of each side (rounded, at least 1)."""
+    a, b = (value, value) if isinstance(value, (int, float)) else value
+    if isinstance(a, float) and 0 < a < 1:
+        return max(1, round(a * height)), max(1, round(b * width))
+    return int(a), int(b)
 
 
 class Occlusion(PerturbationMethod):
@@ -98,10 +102,13 @@ class Occlusion(PerturbationMethod):
     a pixel's value is the mean of y^c(x) − y^c(x̃) over the windows covering it.
 
     Windows start at 0, s, 2s, … up to ⌈(H − h)/s⌉·s, clipped at the border (Captum's placement).
-    Default window: an eighth of the shorter side (at least 2), stride half the window.
+    ``window`` / ``stride``: pixels (int or pair) or a fraction of the side (float < 1). Default window: an
+    eighth of the shorter side (at least 2), stride half the window.
     """
 
     name = "occlusion"
+    signed = True
+    fast_options = {"window": 0.25, "stride": 0.125}
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", baseline=0.0,
                  batch_size: int = 64, window=None, stride=None):
@@ -110,8 +117,8 @@ class Occlusion(PerturbationMethod):
 
     def geometry(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
         default = max(2, round(min(height, width) / 8))
-        wh, ww = pair(self.window if self.window is not None else default)
-        sh, sw = pair(self.stride if self.stride is not None else (max(1, wh // 2), max(1, ww // 2)))
+        wh, ww = pair(self.window if self.window is not None else default, height, width)
+        sh, sw = pair(self.stride if self.stride is not None else (max(1, wh // 2), max(1, ww // 2)), height, width)
         if wh <= 0 or ww <= 0 or sh <= 0 or sw <= 0:
             raise ConvlensError("occlusion window and stride must be positive")
         if wh > height or ww > width:
@@ -181,6 +188,8 @@ class FeatureAblation(FeatureMethod):
 
     name = "feature-ablation"
     default_features = "grid"
+    signed = True
+    fast_options = {"cells": 4}
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", baseline=0.0,
                  batch_size: int = 64, features=None, cells: int = 8, segments: int = 25):
@@ -205,6 +214,8 @@ class ShapleySampling(FeatureMethod):
     """
 
     name = "shapley-sampling"
+    signed = True
+    fast_options = {"permutations": 2}
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", baseline=0.0,
                  batch_size: int = 64, features=None, cells: int = 4, segments: int = 16,
@@ -257,6 +268,8 @@ class KernelSHAP(FeatureMethod):
     """
 
     name = "kernel-shap"
+    signed = True
+    fast_options = {"samples": 32}
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", baseline=0.0,
                  batch_size: int = 64, features=None, cells: int = 4, segments: int = 16, samples: int = 128,
@@ -320,6 +333,8 @@ class LIME(FeatureMethod):
 
     name = "lime"
     default_features = "slic"
+    signed = True
+    fast_options = {"samples": 32, "segments": 16}
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", baseline=0.0,
                  batch_size: int = 64, features=None, cells: int = 4, segments: int = 25, samples: int = 128,
@@ -369,6 +384,7 @@ class RISE(PerturbationMethod):
 
     name = "rise"
     score = "probability"
+    fast_options = {"masks": 64}
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", baseline=0.0,
                  batch_size: int = 64, masks: int = 256, cells: int = 7, p: float = 0.5, seed: int = 0):
