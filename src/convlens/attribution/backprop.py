@@ -98,7 +98,9 @@ class GradientSHAP(Method):
         pool = self.baseline_pool(x)
         index, alpha, noise = self.draws(x)
         with torch.no_grad():
-            resolved = self.resolve_target(target, self.scores(x))
+            scores = self.scores(x)
+            resolved = self.resolve_target(target, scores)
+            resolved.explained(scores)  # a bad score function fails here, before the sampled copies
         n = len(x)
         total = torch.zeros_like(x)
         per_chunk = max(1, self.batch_size // n)

@@ -44,7 +44,9 @@ class NoiseTunnel(SmoothGrad):
 
     def compute(self, x, target) -> Attribution:
         with torch.no_grad():
-            resolved = self.method.resolve_target(target, self.scores(x))
+            scores = self.scores(x)
+            resolved = self.method.resolve_target(target, scores)
+            resolved.explained(scores)  # a bad score function fails here, before any noisy copy runs
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         span = (x.flatten(1).max(1).values - x.flatten(1).min(1).values).view(-1, 1, 1, 1)
         sums: dict[str, torch.Tensor] = {}

@@ -65,7 +65,7 @@ def feature_labels(features, x: torch.Tensor, cells: int, segments: int) -> torc
     n, _, h, w = x.shape
     if isinstance(features, torch.Tensor):
         labels = features.to(x.device).long()
-        if labels.dim() == 2:
+        if labels.dim() == 2 and tuple(labels.shape) == (h, w):
             labels = labels.expand(n, h, w)
         if tuple(labels.shape) != (n, h, w):
             raise ConvlensError(f"feature labels of shape {tuple(features.shape)} for inputs of shape {tuple(x.shape)}")
