@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import assert_clean_error, run_cli
@@ -52,3 +53,24 @@ def test_explain_bad_input(tmp_path):
                        "out of range")
     assert_clean_error(run_cli("explain", photo, "--out", tmp_path, "--methods", "magic"), "unknown method")
     assert_clean_error(run_cli("explain", tmp_path / "missing.png", "--out", tmp_path), "no such file")
+
+
+@pytest.mark.slow
+def test_explain_all_methods_on_the_lab_network(trained_run, tmp_path):
+    from convlens.attribution import METHODS
+
+    digit = (np.random.default_rng(1).random((28, 28)) * 255).astype(np.uint8)
+    Image.fromarray(digit).save(tmp_path / "digit.png")
+    proc = run_cli("explain", tmp_path / "digit.png", "--model", trained_run, "--out", tmp_path / "o",
+                   "--methods", "all", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "o" / "predictions.json").read_text())
+    assert set(summary["skipped_methods"]) == {"cam"}  # no GAP → linear head on the lab network
+    assert summary["methods"] == [m for m in METHODS if m != "cam"]
+    maps = np.load(tmp_path / "o" / "digit_maps.npz")
+    for name in summary["methods"]:
+        assert np.isfinite(maps[f"{name}_map"]).all() and np.abs(maps[f"{name}_map"]).sum() > 0, name
+    proc = run_cli("explain", tmp_path / "digit.png", "--model", trained_run, "--out", tmp_path / "t",
+                   "--methods", "smoothgrad:gradcam,vargrad:lrp", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "t" / "digit_smoothgrad-gradcam.png").is_file()
