@@ -5,7 +5,6 @@ SS-CAM, IS-CAM, FullGrad and CAMs fused over several layers.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Sequence
 
 import torch
@@ -13,11 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConvlensError
-from ..hooks import capture, frozen, resolve_layer, rewrite_outputs, spatial_layers
-from ..hooks import POOLING
+from ..hooks import POOLING, capture, frozen, resolve_layer, rewrite_outputs, spatial_layers
 from ..runtime import channels_last_weights
-from .base import Attribution, Method, Target, normalize_maps, upsample
-from .cam import CamMethod, GradCAMPlusPlus, LayerPass, ScoreCAM
+from .base import Attribution, Method, Target, input_size_errors, minmax_scale, upsample
+from .cam import CamMethod, GradCAMPlusPlus, ScoreCAM
 
 
 # ------------------------------------------------------------------ weight formulas
@@ -55,12 +53,7 @@ def check_max_channels(max_channels: int | None) -> None:
 
 def minmax_masks(acts: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Score-CAM masks: each channel upsampled (bilinear) and scaled to [0, 1]; a flat channel → 0."""
-    masks = upsample(acts, size, "bilinear")
-    flat = masks.flatten(1)
-    lo, hi = flat.min(1).values[:, None, None], flat.max(1).values[:, None, None]
-    span = hi - lo
-    return torch.where(span > 0, (masks - lo) / torch.where(span > 0, span, torch.ones_like(span)),
-                       torch.zeros_like(masks))
+    return minmax_scale(upsample(acts, size, "bilinear"))[0]
 
 
 # ------------------------------------------------------------------ gradient CAMs
@@ -349,7 +342,9 @@ class FullGrad(Method):
 # ------------------------------------------------------------------ several layers
 def default_fusion_layers(model: nn.Module, x: torch.Tensor, count: int = 3) -> list[str]:
     """The last non-pooling spatial layer of each of the ``count`` deepest resolutions."""
-    layers = [(p, s) for p, s, m in spatial_layers(model, x) if not isinstance(m, POOLING)]
+    with input_size_errors(x):
+        found = spatial_layers(model, x)
+    layers = [(p, s) for p, s, m in found if not isinstance(m, POOLING)]
     chosen: dict[tuple[int, int], str] = {}
     for path, shape in layers:
         chosen[tuple(shape[-2:])] = path
@@ -390,8 +385,6 @@ class FusedCAM(Method):
         for layer in layers:
             res = self.base_cls(self.model, layer, self.output_selector, self.interpolation).attribute(x, target)
             target = res.target  # resolved once, on the first layer's pass
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                per_layer.append(normalize_maps(res.maps))
+            per_layer.append(minmax_scale(res.maps)[0])
         fused = torch.stack(per_layer).mean(0)
         return Attribution(self.name, fused, fused, target, ",".join(layers))

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..errors import ConvlensError
 from ..hooks import frozen, relu_rule, rewrite_outputs
-from .base import Attribution, Method
+from .base import Attribution, Method, input_size_errors
 
 LAYER_TYPES = {"Conv2d": nn.Conv2d, "Linear": nn.Linear}
 RULES = ("zero", "epsilon", "gamma", "alpha1beta0", "alpha2beta1", "zplus", "zbox", "flat")
@@ -152,7 +152,7 @@ def trace_layers(model: nn.Module, x: torch.Tensor) -> tuple[list[nn.Module], di
                 handles.append(m.register_forward_hook(on_linear))
             elif isinstance(m, nn.BatchNorm2d):
                 handles.append(m.register_forward_hook(on_bn))
-        with torch.no_grad():
+        with torch.no_grad(), input_size_errors(x):
             model(x[:1])
     finally:
         for h in handles:

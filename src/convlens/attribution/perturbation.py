@@ -85,6 +85,31 @@ class PerturbationMethod(Method):
         flush()
         return results
 
+    def shared_masked_scores(self, x: torch.Tensor, base: torch.Tensor, masks: Callable[[int, int], torch.Tensor],
+                             count: int, clean: torch.Tensor, target: Target) -> torch.Tensor:
+        """(count, N) scores when every image gets the same ``count`` masks (``masks(start, stop)``): each
+        chunk of masks is applied to the whole batch in one broadcast; unchanged copies are skipped."""
+        batch = self.batch_size or auto_batch_size(x)
+        per_chunk = max(1, batch // len(x))
+        changed = (x != base).any(1)                                                    # (N, H, W)
+        out = clean[None].repeat(count, 1)
+        for start in range(0, count, per_chunk):
+            m = masks(start, min(start + per_chunk, count))                             # (k, H, W)
+            needed = ((m[:, None] < 1) & changed[None]).flatten(2).any(2)               # (k, N)
+            if bool(needed.all()):
+                keep = m[:, None, None].to(x.dtype)                                     # (k, 1, 1, H, W)
+                copies = (x[None] * keep + base[None] * (1 - keep)).flatten(0, 1)
+                rows = torch.arange(len(x)).repeat(len(m))
+                out[start:start + len(m)] = target.select(rows).explained(self.outputs(copies)).view(len(m), -1)
+                continue
+            which = needed.nonzero()
+            if len(which) == 0:
+                continue
+            keep = m[which[:, 0], None].to(x.dtype)
+            copies = x[which[:, 1]] * keep + base[which[:, 1]] * (1 - keep)
+            out[start + which[:, 0], which[:, 1]] = target.select(which[:, 1].cpu()).explained(self.outputs(copies))
+        return out
+
     def prepare(self, x: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Target]:
         """(x, baseline, clean explained scores, resolved target)."""
         out = self.outputs(x)
@@ -123,7 +148,7 @@ class Occlusion(PerturbationMethod):
         self.window, self.stride = window, stride
 
     def geometry(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        default = max(2, round(min(height, width) / 8))
+        default = min(max(2, round(min(height, width) / 8)), height, width)
         wh, ww = pair(self.window if self.window is not None else default, height, width)
         sh, sw = pair(self.stride if self.stride is not None else (max(1, wh // 2), max(1, ww // 2)), height, width)
         if wh <= 0 or ww <= 0 or sh <= 0 or sw <= 0:
@@ -144,21 +169,12 @@ class Occlusion(PerturbationMethod):
     def compute(self, x, target) -> Attribution:
         wins = self.windows(*x.shape[-2:])
         x, base, clean, target = self.prepare(x, target)
-
-        def masks(_n, start, stop):
-            m = torch.ones(stop - start, *x.shape[-2:], device=x.device)
-            for i, (t, b, l, r) in enumerate(wins[start:stop]):
-                m[i, t:b, l:r] = 0
-            return m
-
-        scores = self.masked_scores(x, base, masks, [len(wins)] * len(x), clean, target)
-        total = torch.zeros(x.shape[0], *x.shape[-2:], dtype=x.dtype, device=x.device)
-        count = torch.zeros(x.shape[-2:], dtype=x.dtype, device=x.device)
+        covered = torch.zeros(len(wins), *x.shape[-2:], dtype=x.dtype, device=x.device)
         for j, (t, b, l, r) in enumerate(wins):
-            count[t:b, l:r] += 1
-            for n in range(len(x)):
-                total[n, t:b, l:r] += clean[n] - scores[n][j]
-        return self.result(total / count, target)
+            covered[j, t:b, l:r] = 1
+        scores = self.shared_masked_scores(x, base, lambda a, b: 1 - covered[a:b], len(wins), clean, target)
+        total = torch.einsum("jn,jhw->nhw", clean[None] - scores, covered)
+        return self.result(total / covered.sum(0), target)
 
 
 # ------------------------------------------------------------------ feature methods
@@ -178,7 +194,13 @@ class FeatureMethod(PerturbationMethod):
         return feature_labels(self.features, x, self.cells, self.segments)
 
     def coalition_scores(self, x, base, labels, coalitions: list[torch.Tensor], clean, target: Target):
-        """Scores of each sample's coalitions (rows of ``coalitions[n]``, (S_n, F_n) bool)."""
+        """Scores of each sample's coalitions (rows of ``coalitions[n]``, (S_n, F_n) bool); when every image
+        has the same labels and coalitions (a grid) they run through the shared, broadcast path."""
+        if all(torch.equal(labels[0], lab) and torch.equal(coalitions[0], c) for lab, c in zip(labels, coalitions)):
+            shared = self.shared_masked_scores(x, base, lambda a, b: coalitions[0][a:b][:, labels[0]].float(),
+                                               len(coalitions[0]), clean, target)
+            return list(shared.T)
+
         def masks(n, start, stop):
             return coalitions[n][start:stop][:, labels[n]].float()
 
@@ -415,7 +437,7 @@ class RISE(PerturbationMethod):
     def compute(self, x, target) -> Attribution:
         x, base, clean, target = self.prepare(x, target)
         masks = self.make_masks(*x.shape[-2:], device=x.device)
-        scores = self.masked_scores(x, base, lambda _n, a, b: masks[a:b], [len(masks)] * len(x), clean, target)
-        stacked = torch.stack(scores).to(masks.dtype)                        # (N, masks)
+        scores = self.shared_masked_scores(x, base, lambda a, b: masks[a:b], len(masks), clean, target)
+        stacked = scores.T.to(masks.dtype)                                   # (N, masks)
         raw = torch.einsum("nm,mhw->nhw", stacked, masks) / (len(masks) * self.p)
         return self.result(raw.to(x.dtype), target)
