@@ -125,14 +125,15 @@ def torchcam_rows(model, x, layer, s, target, ours):
             with cls(model, layer, input_shape=shape, **kw) as extractor:
                 extractor(classes, model(x))
         return thunk
-    return [
-        ("smoothgradcam++", ours("smoothgradcam++", layer=layer, samples=s["samples"]),
-         "TorchCAM SmoothGradCAMpp", run(tc.SmoothGradCAMpp, num_samples=s["samples"], std=0.15)),
-        ("sscam", ours("sscam", layer=layer, samples=2, batch_size=64, max_channels=s["channels"]),
-         "TorchCAM SSCAM (all channels)", run(tc.SSCAM, num_samples=2, batch_size=64)),
-        ("iscam", ours("iscam", layer=layer, samples=2, batch_size=64, max_channels=s["channels"]),
-         "TorchCAM ISCAM (all channels)", run(tc.ISCAM, num_samples=2, batch_size=64)),
-    ]
+    out = [("smoothgradcam++", ours("smoothgradcam++", layer=layer, samples=s["samples"]),
+            "TorchCAM SmoothGradCAMpp", run(tc.SmoothGradCAMpp, num_samples=s["samples"], std=0.15))]
+    for name, cls in (("sscam", tc.SSCAM), ("iscam", tc.ISCAM)):
+        mine = ours(name, layer=layer, samples=2, batch_size=64, max_channels=s["channels"])
+        if s["channels"] is None:  # TorchCAM scores every channel: compared only where convlens does too
+            out.append((name, mine, f"TorchCAM {cls.__name__}", run(cls, num_samples=2, batch_size=64)))
+        else:
+            out.append((name, mine, None, None))
+    return out
 
 
 def main() -> None:

@@ -57,10 +57,16 @@ def test_lrp_rules_match_captum(x, ours, theirs):
     ref_net = PlainNet(bias=False).eval()
     make = {"epsilon": lambda: rules.EpsilonRule(epsilon=0.1), "gamma": lambda: rules.GammaRule(gamma=0.3),
             "alpha1beta0": lambda: rules.Alpha1_Beta0_Rule()}[theirs]
-    for name in ("conv1", "conv2", "fc1", "fc2"):
+    # γ on the convolutions only (followed by ReLUs): Captum amplifies W⁺ also for negative outputs,
+    # convlens the contributions of the output's sign; they agree wherever relevance flows
+    dense = rules.EpsilonRule if theirs == "gamma" else make
+    for name in ("conv1", "conv2"):
         getattr(ref_net, name).rule = make()
+    for name in ("fc1", "fc2"):
+        getattr(ref_net, name).rule = dense(epsilon=0.1) if theirs == "gamma" else make()
     ref = captum.LRP(ref_net).attribute(x, target=TARGETS)
-    res = attribute("lrp", net, x, target=TARGETS, rule=ours, epsilon=0.1, gamma=0.3, stabilizer=1e-9)
+    composite = {"Conv2d": ours, "Linear": "epsilon" if theirs == "gamma" else ours}
+    res = attribute("lrp", net, x, target=TARGETS, composite=composite, epsilon=0.1, gamma=0.3, stabilizer=1e-9)
     assert torch.allclose(res.raw, ref, atol=1e-6, rtol=1e-4)
     assert res.raw.abs().sum() > 0
 
@@ -208,3 +214,18 @@ def test_lrp_class_default_runs_on_conv_only_model(x):
     conv_only = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
     res = LRP(conv_only).attribute(x, 2)
     assert res.raw.abs().sum() > 0
+
+
+def test_gamma_never_crosses_zero_with_mixed_sign_inputs():
+    """Inputs of both signs (a linear bottleneck): the γ denominators keep the sign of z, so the relevance
+    stays bounded where W + γW⁺ alone would divide by values near zero."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    res = attribute("lrp", net, x, target=0, composite={"Conv2d": "gamma", "Linear": "epsilon"}, gamma=0.5)
+    eps = attribute("lrp", net, x, target=0, composite={"Conv2d": "epsilon", "Linear": "epsilon"}, epsilon=1e-9)
+    assert float(res.raw.abs().max()) < 10 * float(eps.raw.abs().max())
+    with torch.no_grad():
+        z = net[0](x)
+    assert bool((z < 0).any()) and bool((x < 0).any())

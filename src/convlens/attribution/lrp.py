@@ -5,7 +5,8 @@ distributes R_j over its inputs in proportion to modified contributions z'_ij:
 
 * ``zero``:        z' = z (LRP-0; on ReLU networks the result equals gradient × input)
 * ``epsilon``:     z' = z, denominator z_j + ε·sign(z_j)
-* ``gamma``:       W' = W + γW⁺, b' = b + γb⁺
+* ``gamma``:       z'_ij = a_i w_ij + γ·(a_i w_ij)^± — contributions of the output's own sign amplified
+  (for a ≥ 0 and z_j > 0: W + γW⁺, b + γb⁺, the paper's form; z'_j never crosses zero, as in Zennit)
 * ``alpha1beta0`` / ``alpha2beta1``: α·(positive share) − β·(negative share), shares split by the sign
   of each contribution a_i w_ij (bias to its sign's side)
 * ``zbox`` (first layer, inputs in [l, h]): z'_ij = a_i w_ij − l_i w⁺_ij − h_i w⁻_ij
@@ -93,8 +94,11 @@ def rule_output(rule: str, module, a, z, params: LayerParams, opts: "LRP", aux: 
         eps = opts.epsilon if rule == "epsilon" else 1e-12
         return z.detach() + trick(z, linear_map(module, a, w, b), eps)
     if rule == "gamma":
-        mod = linear_map(module, a, w + opts.gamma * w.clamp(min=0), b + opts.gamma * b.clamp(min=0))
-        return z.detach() + trick(z, mod, opts.stabilizer)
+        g, ap, an = opts.gamma, a.clamp(min=0), a.clamp(max=0)
+        wp, wn = w + g * w.clamp(min=0), w + g * w.clamp(max=0)
+        pos = linear_map(module, ap, wp, b + g * b.clamp(min=0)) + linear_map(module, an, wn, zero_b)
+        neg = linear_map(module, ap, wn, b + g * b.clamp(max=0)) + linear_map(module, an, wp, zero_b)
+        return z.detach() + trick(z, torch.where(z.detach() > 0, pos, neg), opts.stabilizer)
     if rule in ("alpha1beta0", "zplus", "alpha2beta1"):
         alpha, beta = (2.0, 1.0) if rule == "alpha2beta1" else (1.0, 0.0)
         wp, wn, ap, an = w.clamp(min=0), w.clamp(max=0), a.clamp(min=0), a.clamp(max=0)
