@@ -146,7 +146,8 @@ def test_smoothgradcampp_formula(net, x):
     samples, sigma = 5, 0.3
     a, _, _ = acts_and_grads(net, x, TARGETS)
     span = (x.flatten(1).max(1).values - x.flatten(1).min(1).values).view(-1, 1, 1, 1)
-    noises = torch.randn((samples, *x.shape), generator=torch.Generator().manual_seed(7)) * sigma * span
+    gen = torch.Generator().manual_seed(7)
+    noises = torch.stack([torch.randn(x.shape[1:], generator=gen) for _ in range(samples)])[:, None] * sigma * span
     w = smoothgradcampp_weights(net, x, TARGETS, noises)
     res = attribute("smoothgradcam++", net, x, target=TARGETS, layer="act2", samples=samples, sigma=sigma, seed=7,
                     batch_size=6)

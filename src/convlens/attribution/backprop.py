@@ -8,6 +8,7 @@ from ..errors import ConvlensError
 from ..hooks import frozen, relu_rule
 from ..runtime import channels_last_weights
 from .base import Attribution, Method
+from .batching import auto_batch_size
 from .gradient import Saliency, reduce_channels
 
 
@@ -61,8 +62,9 @@ class GradientSHAP(Method):
     ``samples`` draws of a baseline b from ``baselines`` (a (B, C, H, W) tensor, or one baseline as
     in :func:`convlens.baselines.make_baseline`), α ~ U(0, 1) and x̃ = x + N(0, (σ·(max x − min x))²).
 
-    Draws come from a generator seeded with ``seed`` (see :meth:`draws`); copies run in batches of
-    ``batch_size`` inputs.
+    Draws come from a generator seeded with ``seed`` (see :meth:`draws`) and are shared by every image
+    of the batch (noise scaled by each image's range), so an image's result does not depend on its
+    batch companions; copies run in batches of ``batch_size`` inputs (default: by input size).
     """
 
     name = "gradient-shap"
@@ -70,9 +72,9 @@ class GradientSHAP(Method):
     fast_options = {"samples": 8}
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", baselines="zero",
-                 samples: int = 16, sigma: float = 0.1, seed: int = 0, batch_size: int = 128):
+                 samples: int = 16, sigma: float = 0.1, seed: int = 0, batch_size: int | None = None):
         super().__init__(model, layer, output_selector, interpolation)
-        if samples <= 0 or sigma < 0 or batch_size <= 0:
+        if samples <= 0 or sigma < 0 or (batch_size is not None and batch_size <= 0):
             raise ConvlensError("GradientSHAP needs samples > 0, sigma ≥ 0 and a positive batch size")
         self.baselines, self.samples, self.sigma, self.seed, self.batch_size = baselines, samples, sigma, seed, \
             batch_size
@@ -85,13 +87,14 @@ class GradientSHAP(Method):
         return make_baseline(x, self.baselines)[None]
 
     def draws(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(baseline index (S, N), α (S, N), noise (S, N, C, H, W)) for ``samples`` draws."""
+        """(baseline index (S, N), α (S, N), noise (S, N, C, H, W)) for ``samples`` draws, the same for
+        every image but the noise's scale."""
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         pool = len(self.baseline_pool(x[:1]))
-        index = torch.randint(0, pool, (self.samples, len(x)), generator=gen)
-        alpha = torch.rand(self.samples, len(x), generator=gen)
+        index = torch.randint(0, pool, (self.samples,), generator=gen)[:, None].expand(-1, len(x))
+        alpha = torch.rand(self.samples, generator=gen)[:, None].expand(-1, len(x))
         span = (x.flatten(1).max(1).values - x.flatten(1).min(1).values).view(1, -1, 1, 1, 1)
-        noise = torch.randn((self.samples, *x.shape), generator=gen).to(x) * (self.sigma * span)
+        noise = torch.randn((self.samples, 1, *x.shape[1:]), generator=gen).to(x) * (self.sigma * span)
         return index.to(x.device), alpha.to(x), noise
 
     def compute(self, x, target) -> Attribution:
@@ -103,7 +106,7 @@ class GradientSHAP(Method):
             resolved.explained(scores)  # a bad score function fails here, before the sampled copies
         n = len(x)
         total = torch.zeros_like(x)
-        per_chunk = max(1, self.batch_size // n)
+        per_chunk = max(1, (self.batch_size or auto_batch_size(x)) // n)
         rows = torch.arange(n, device=x.device)
         gradient = Saliency(self.model, output_selector=self.output_selector)
         for start in range(0, self.samples, per_chunk):

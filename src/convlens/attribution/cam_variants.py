@@ -15,6 +15,7 @@ from ..errors import ConvlensError
 from ..hooks import POOLING, capture, frozen, resolve_layer, rewrite_outputs, spatial_layers
 from ..runtime import channels_last_weights
 from .base import Attribution, Method, Target, input_size_errors, minmax_scale, upsample
+from .batching import auto_batch_size
 from .cam import CamMethod, GradCAMPlusPlus, ScoreCAM
 
 
@@ -159,16 +160,17 @@ class AblationCAM(CamMethod):
 class SmoothGradCAMPlusPlus(GradCAMPlusPlus):
     """Omeiza et al. 2019: Grad-CAM++ with the 1st, 2nd and 3rd gradient powers averaged over noisy copies.
 
-    D^p = mean over ``samples`` copies x + N(0, (σ·(max x − min x))²) of (∂y^c/∂A)^p;
+    D^p = mean over ``samples`` copies x + N(0, (σ·(max x − min x))²) of (∂y^c/∂A)^p (noise draw s shared
+    by the batch, scaled per image);
     α = D² / (2 D² + Σ_ab A_ab D³); w_k = Σ_ij α ReLU(D¹); A from the clean input.
     """
 
     name = "smoothgradcam++"
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", samples: int = 8,
-                 sigma: float = 0.15, seed: int = 0, batch_size: int = 64):
+                 sigma: float = 0.15, seed: int = 0, batch_size: int | None = None):
         super().__init__(model, layer, output_selector, interpolation)
-        if samples <= 0 or sigma < 0 or batch_size <= 0:
+        if samples <= 0 or sigma < 0 or (batch_size is not None and batch_size <= 0):
             raise ConvlensError("SmoothGrad-CAM++ needs samples > 0, sigma ≥ 0 and a positive batch size")
         self.samples, self.sigma, self.seed, self.batch_size = samples, sigma, seed, batch_size
 
@@ -176,10 +178,11 @@ class SmoothGradCAMPlusPlus(GradCAMPlusPlus):
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         span = (x.flatten(1).max(1).values - x.flatten(1).min(1).values).view(-1, 1, 1, 1)
         sums = None
-        per_chunk = max(1, self.batch_size // len(x))
+        per_chunk = max(1, (self.batch_size or auto_batch_size(x)) // len(x))
         for start in range(0, self.samples, per_chunk):
             k = min(per_chunk, self.samples - start)
-            noise = torch.randn((k, *x.shape), generator=gen).to(x) * (self.sigma * span)[None]
+            draws = torch.stack([torch.randn(x.shape[1:], generator=gen) for _ in range(k)]).to(x)
+            noise = draws[:, None] * (self.sigma * span)[None]  # one draw per copy, shared by the batch
             noisy = (x[None] + noise).flatten(0, 1)
             g = self.layer_pass(noisy, target.repeat(k), layer).grads
             g = g.view(k, len(x), *g.shape[1:])

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import ConvlensError
 from .base import Attribution, Method
+from .batching import auto_batch_size
 from .gradient import Saliency, SmoothGrad
 
 KINDS = ("smoothgrad", "smoothgrad-sq", "vargrad")
@@ -24,19 +25,20 @@ TUNNEL_OPTIONS = ("samples", "sigma", "batch_size", "seed")
 
 class NoiseTunnel(SmoothGrad):
     """``kind`` (see the module doc) of ``method`` over ``samples`` noisy copies, run in chunks of
-    ``batch_size`` inputs. Noise s is one (C, H, W) draw from a generator seeded with ``seed``, shared by
+    ``batch_size`` inputs (default: :func:`~convlens.attribution.batching.auto_batch_size`). Noise s is one (C, H, W) draw from a generator seeded with ``seed``, shared by
     every image of the batch (scaled by each image's range): an image's result depends neither on its
     batch companions nor on the chunking."""
 
     fast_options = {"samples": 8}
 
     def __init__(self, method: Method, kind: str = "smoothgrad", samples: int = 25, sigma: float = 0.15,
-                 batch_size: int = 256, seed: int = 0):
+                 batch_size: int | None = None, seed: int = 0):
         if kind not in KINDS:
             raise ConvlensError(f"unknown noise tunnel {kind!r}; choose from {', '.join(KINDS)}")
-        if batch_size <= 0:
+        if batch_size is not None and batch_size <= 0:
             raise ConvlensError("the noise tunnel needs a positive batch size")
-        super().__init__(method, samples, sigma, batch_size, seed)
+        super().__init__(method, samples, sigma, batch_size or 1, seed)
+        self.batch_size = batch_size
         self.kind = kind
         self.name = f"{kind}:{method.name}"
         self.needs_layer = method.needs_layer
@@ -51,7 +53,7 @@ class NoiseTunnel(SmoothGrad):
         span = (x.flatten(1).max(1).values - x.flatten(1).min(1).values).view(-1, 1, 1, 1)
         sums: dict[str, torch.Tensor] = {}
         layer = None
-        per_chunk = max(1, self.batch_size // len(x))
+        per_chunk = max(1, (self.batch_size or auto_batch_size(x)) // len(x))
         for start in range(0, self.samples, per_chunk):
             k = min(per_chunk, self.samples - start)
             draws = torch.stack([torch.randn(x.shape[1:], generator=gen) for _ in range(k)]).to(x)

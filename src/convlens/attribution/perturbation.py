@@ -2,7 +2,7 @@
 
 A masked copy keeps the input where the mask is 1 and the baseline where it is 0:
 x̃ = x ⊙ m + b ⊙ (1 − m) (exactly x where m = 1). Every method hands its masks to one engine
-(:meth:`PerturbationMethod.masked_scores`) that runs the copies in batches of ``batch_size`` (default: :func:`auto_batch_size`), in
+(:meth:`PerturbationMethod.masked_scores`) that runs the copies in batches of ``batch_size`` (default: :func:`~convlens.attribution.batching.auto_batch_size`), in
 inference mode and channels-last, and skips a copy that equals its input exactly (every pixel
 it removes already equals the baseline): its score is the clean score, no forward needed.
 """
@@ -18,15 +18,10 @@ from ..baselines import make_baseline
 from ..errors import ConvlensError
 from ..runtime import channels_last_weights
 from .base import Attribution, Method, Target
+from .batching import auto_batch_size
 from .segment import feature_labels
 
 MaskFn = Callable[[int, int, int], torch.Tensor]  # (sample, start, stop) → (stop − start, H, W) keep masks
-
-
-def auto_batch_size(x: torch.Tensor) -> int:
-    """Copies per forward when none is given: about 1.5 M input values, between 8 and 256 (10 for
-    224 × 224 RGB, 256 for 28 × 28 grey; larger batches of large images were slower on a 2-core CPU)."""
-    return max(8, min(256, 1_500_000 // x[0].numel()))
 
 
 class PerturbationMethod(Method):
@@ -55,7 +50,7 @@ class PerturbationMethod(Method):
                       clean: torch.Tensor, target: Target) -> list[torch.Tensor]:
         """Per sample n, the scores of its ``counts[n]`` masked copies (``masks(n, start, stop)``)."""
         results = [clean[n].repeat(counts[n]).clone() for n in range(len(x))]
-        batch = self.batch_size or auto_batch_size(x)
+        batch = self.batch_size or auto_batch_size(x, most=256)
         pending: list[tuple[torch.Tensor, int, torch.Tensor]] = []  # (copies, sample, copy indices)
 
         def flush():
@@ -89,7 +84,7 @@ class PerturbationMethod(Method):
                              count: int, clean: torch.Tensor, target: Target) -> torch.Tensor:
         """(count, N) scores when every image gets the same ``count`` masks (``masks(start, stop)``): each
         chunk of masks is applied to the whole batch in one broadcast; unchanged copies are skipped."""
-        batch = self.batch_size or auto_batch_size(x)
+        batch = self.batch_size or auto_batch_size(x, most=256)
         per_chunk = max(1, batch // len(x))
         changed = (x != base).any(1)                                                    # (N, H, W)
         out = clean[None].repeat(count, 1)
