@@ -58,14 +58,18 @@ def main() -> None:
                             ("gamma", lambda: lrp_rules.GammaRule(gamma=0.3)),
                             ("alpha1beta0", lrp_rules.Alpha1_Beta0_Rule)):
         ref_net = PlainNet(bias=False).eval()
-        for name in ("conv1", "conv2", "fc1", "fc2"):
+        dense = "epsilon" if ours_rule == "gamma" else ours_rule  # γ on the convolutions (as tested)
+        for name in ("conv1", "conv2"):
             getattr(ref_net, name).rule = make()
+        for name in ("fc1", "fc2"):
+            getattr(ref_net, name).rule = lrp_rules.EpsilonRule(epsilon=0.1) if dense == "epsilon" else make()
         ref = ca.LRP(ref_net).attribute(x, target=t)
-        ours = attribute("lrp", PlainNet(bias=False).eval(), x, target=t, rule=ours_rule, epsilon=0.1, gamma=0.3,
-                         stabilizer=1e-9)
-        rows.append((f"lrp {ours_rule}", "Captum LRP", ours.raw, ref))
+        ours = attribute("lrp", PlainNet(bias=False).eval(), x, target=t, composite={"Conv2d": ours_rule,
+                         "Linear": dense}, epsilon=0.1, gamma=0.3, stabilizer=1e-9)
+        rows.append((f"lrp {ours_rule}" + (" (conv) + epsilon" if ours_rule == "gamma" else ""), "Captum LRP",
+                     ours.raw, ref))
     net = PlainNet().eval()
-    rows.append(("lrp zero", "input × gradient (identity)", attribute("lrp", net, x - 0.5, t, rule="zero").raw,
+    rows.append(("lrp zero", "input × gradient", attribute("lrp", net, x - 0.5, t, rule="zero").raw,
                  attribute("input-x-gradient", net, x - 0.5, t).raw))
 
     print(f"{'method':26s} {'reference':30s} {'max |diff|':>11s} {'max |ref|':>10s}")
