@@ -10,7 +10,9 @@ TorchCAM's SS-CAM / IS-CAM weigh channels differently (softmax over channels), s
 same number of masked forwards, not the same numbers. Methods without an importable peer (HiResCAM,
 EigenCAM, Ablation-CAM, FullGrad, RISE, KernelSHAP, LIME…: pytorch-grad-cam imports torchvision, Captum's
 KernelShap/Lime need scikit-learn) are timed alone.
-Lab network: convlens.models.LabNet built untrained, batch 256. EfficientNet-Lite0: batch 8 photos.
+Lab network: convlens.models.LabNet built untrained, batch of the first 256 MNIST test digits (their
+black background equals the baseline, so perturbation copies that change nothing are skipped).
+EfficientNet-Lite0: batch 8 photos.
 """
 from __future__ import annotations
 
@@ -29,10 +31,12 @@ from convlens.models.labnet import LabNet  # noqa: E402
 
 
 def lab_case():
+    from convlens.data import load_mnist
+
     torch.manual_seed(0)
     model = LabNet().eval()
-    x = torch.rand(256, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    return "lab network, batch 256", model, x, "l3", dict(window=4, stride=4, cells=4, perms=2, samples=8,
+    x = load_mnist("test").tensors()[0][:256]  # real digits: 81 % of the pixels equal the baseline 0
+    return "lab network, batch 256 MNIST digits", model, x, "l3", dict(window=4, stride=4, cells=4, perms=2, samples=8,
                                                           masks=64, channels=None)
 
 
