@@ -1,7 +1,7 @@
 """The methods added in issue 14, each timed side by side with its peer on the same batch, same model
 objects, in one process: medians, ratio = peer time / convlens time (> 1: convlens faster).
 
-    python bench/methods.py [--threads 2] [--repeats 3] [--lite0-repeats 1] [--only lab|lite0]
+    python bench/methods.py [--threads 2] [--repeats 3] [--lite0-repeats 1] [--only lab|lite0] [--methods a,b]
 
 Peers: Captum 0.9.0 (occlusion, feature ablation, Shapley sampling, DeepLIFT, GradientSHAP, LRP,
 NoiseTunnel) and TorchCAM 0.5.0 (SmoothGrad-CAM++, SS-CAM, IS-CAM), both installed with --no-deps.
@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--lite0-repeats", type=int, default=1)
     parser.add_argument("--only", choices=["lab", "lite0"])
+    parser.add_argument("--methods", help="comma-separated subset of the rows (default: all)")
     args = parser.parse_args()
     setup(args.threads)
     warnings.simplefilter("ignore")
@@ -157,6 +158,8 @@ def main() -> None:
         print(f"\n== {title} (medians of {repeats}, threads {args.threads})")
         print(f"{'method':22s} {'convlens s':>11s} {'peer s':>9s} {'ratio':>7s}  peer")
         for name, mine, peer_name, peer in rows(model, x, layer, settings):
+            if args.methods and name.split(" ")[0] not in args.methods.split(","):
+                continue
             if peer is not None:
                 try:
                     peer()  # also the warm-up
