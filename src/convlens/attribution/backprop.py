@@ -8,7 +8,7 @@ from ..errors import ConvlensError
 from ..hooks import frozen, relu_rule
 from ..runtime import channels_last_weights
 from .base import Attribution, Method
-from .batching import auto_batch_size
+from .batching import GRADIENT_VALUES, auto_batch_size
 from .gradient import Saliency, reduce_channels
 
 
@@ -106,7 +106,7 @@ class GradientSHAP(Method):
             resolved.explained(scores)  # a bad score function fails here, before the sampled copies
         n = len(x)
         total = torch.zeros_like(x)
-        per_chunk = max(1, (self.batch_size or auto_batch_size(x)) // n)
+        per_chunk = max(1, (self.batch_size or auto_batch_size(x, GRADIENT_VALUES)) // n)
         rows = torch.arange(n, device=x.device)
         gradient = Saliency(self.model, output_selector=self.output_selector)
         for start in range(0, self.samples, per_chunk):

@@ -4,7 +4,10 @@ from __future__ import annotations
 import torch
 
 
-def auto_batch_size(x: torch.Tensor, values: int = 1_500_000, least: int = 8, most: int = 4096) -> int:
+GRADIENT_VALUES = 4_000_000  # copies that need a backward: whole sample sets of the lab network in one call
+
+
+def auto_batch_size(x: torch.Tensor, values: int = 1_500_000, least: int = 8, most: int = 8192) -> int:
     """Inputs per forward: about ``values`` input values, between ``least`` and ``most``.
 
     On a 2-core CPU a forward has a large fixed cost for small images (many 28 × 28 copies per call

@@ -15,7 +15,7 @@ from ..errors import ConvlensError
 from ..hooks import POOLING, capture, frozen, resolve_layer, rewrite_outputs, spatial_layers
 from ..runtime import channels_last_weights
 from .base import Attribution, Method, Target, input_size_errors, minmax_scale, upsample
-from .batching import auto_batch_size
+from .batching import GRADIENT_VALUES, auto_batch_size
 from .cam import CamMethod, GradCAMPlusPlus, ScoreCAM
 
 
@@ -178,7 +178,7 @@ class SmoothGradCAMPlusPlus(GradCAMPlusPlus):
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         span = (x.flatten(1).max(1).values - x.flatten(1).min(1).values).view(-1, 1, 1, 1)
         sums = None
-        per_chunk = max(1, (self.batch_size or auto_batch_size(x)) // len(x))
+        per_chunk = max(1, (self.batch_size or auto_batch_size(x, GRADIENT_VALUES)) // len(x))
         for start in range(0, self.samples, per_chunk):
             k = min(per_chunk, self.samples - start)
             draws = torch.stack([torch.randn(x.shape[1:], generator=gen) for _ in range(k)]).to(x)

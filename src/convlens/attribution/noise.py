@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ConvlensError
 from .base import Attribution, Method
-from .batching import auto_batch_size
+from .batching import GRADIENT_VALUES, auto_batch_size
 from .gradient import Saliency, SmoothGrad
 
 KINDS = ("smoothgrad", "smoothgrad-sq", "vargrad")
@@ -53,7 +53,7 @@ class NoiseTunnel(SmoothGrad):
         span = (x.flatten(1).max(1).values - x.flatten(1).min(1).values).view(-1, 1, 1, 1)
         sums: dict[str, torch.Tensor] = {}
         layer = None
-        per_chunk = max(1, (self.batch_size or auto_batch_size(x)) // len(x))
+        per_chunk = max(1, (self.batch_size or auto_batch_size(x, GRADIENT_VALUES)) // len(x))
         for start in range(0, self.samples, per_chunk):
             k = min(per_chunk, self.samples - start)
             draws = torch.stack([torch.randn(x.shape[1:], generator=gen) for _ in range(k)]).to(x)
