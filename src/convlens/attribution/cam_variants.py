@@ -202,7 +202,8 @@ class _MaskScoreCAM(ScoreCAM):
     """Score-CAM whose channel score averages softmax(f(X ⊙ m))_c over several variants m of each mask.
 
     A score-function target is applied to the softmax probabilities. ``max_channels`` (the CLI's quick
-    setting) scores only the most active channels; the others weigh 0.
+    setting) scores only the most active channels; the others weigh 0. Masked inputs of several samples
+    share a forward (``batch_size`` inputs; default by input size).
     """
 
     needs_class_target = False
@@ -213,21 +214,31 @@ class _MaskScoreCAM(ScoreCAM):
 
     def weights(self, p):
         acts, x = p.acts, p.x
-        n, k = acts.shape[:2]
-        alpha = torch.zeros(n, k, dtype=acts.dtype, device=acts.device)
+        alpha = torch.zeros(acts.shape[:2], dtype=acts.dtype, device=acts.device)
+        batch = self.masked_batch or auto_batch_size(x, most=256)
+        pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (sample, live channels, (V, L, H, W) masks)
+
+        def flush():
+            masks = torch.cat([m.flatten(0, 1) for _, _, m in pending])
+            rows = torch.cat([torch.full((m.shape[0] * m.shape[1],), i, dtype=torch.long) for i, _, m in pending])
+            probs = torch.cat([p.target.select(rows[a:a + batch]).explained(F.softmax(self.scores(
+                (x[rows[a:a + batch].to(x.device)] * masks[a:a + batch, None]).contiguous(
+                    memory_format=torch.channels_last)), 1)) for a in range(0, len(rows), batch)])
+            start = 0
+            for i, live, m in pending:
+                alpha[i, live] = probs[start:start + m.shape[0] * m.shape[1]].view(m.shape[:2]).mean(0)
+                start += m.shape[0] * m.shape[1]
+            pending.clear()
+
         with torch.inference_mode(), channels_last_weights(self.model):
-            for i in range(n):
+            for i in range(len(x)):  # masks of several samples share a forward
                 gen = torch.Generator(device="cpu").manual_seed(getattr(self, "seed", 0))
-                one = p.target.select(torch.tensor([i]))
                 live = scored_channels(acts[i], self.max_channels)
-                masks = self.mask_variants(minmax_masks(acts[i, live], x.shape[-2:]), gen)  # (V, L, H, W)
-                flat = masks.flatten(0, 1)
-                probs = []
-                for start in range(0, len(flat), self.batch_size):
-                    masked = (x[i][None] * flat[start:start + self.batch_size, None])
-                    out = self.scores(masked.contiguous(memory_format=torch.channels_last))
-                    probs.append(one.repeat(len(out)).explained(F.softmax(out, 1)))
-                alpha[i, live] = torch.cat(probs).view(masks.shape[:2]).mean(0)
+                pending.append((i, live, self.mask_variants(minmax_masks(acts[i, live], x.shape[-2:]), gen)))
+                if sum(m.shape[0] * m.shape[1] for _, _, m in pending) >= batch:
+                    flush()
+            if pending:
+                flush()
         return alpha
 
 
@@ -240,9 +251,11 @@ class SSCAM(_MaskScoreCAM):
     name = "sscam"
     fast_options = {"max_channels": 16, "samples": 2}
 
-    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", batch_size: int = 32,
-                 samples: int = 4, sigma: float = 0.2, seed: int = 0, max_channels: int | None = None):
-        super().__init__(model, layer, output_selector, interpolation, batch_size)
+    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear",
+                 batch_size: int | None = None, samples: int = 4, sigma: float = 0.2, seed: int = 0,
+                 max_channels: int | None = None):
+        super().__init__(model, layer, output_selector, interpolation, batch_size or 8)
+        self.masked_batch = batch_size
         check_max_channels(max_channels)
         self.max_channels = max_channels
         if samples <= 0 or sigma < 0:
@@ -264,9 +277,10 @@ class ISCAM(_MaskScoreCAM):
     name = "iscam"
     fast_options = {"max_channels": 16, "samples": 2}
 
-    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", batch_size: int = 32,
-                 samples: int = 4, max_channels: int | None = None):
-        super().__init__(model, layer, output_selector, interpolation, batch_size)
+    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear",
+                 batch_size: int | None = None, samples: int = 4, max_channels: int | None = None):
+        super().__init__(model, layer, output_selector, interpolation, batch_size or 8)
+        self.masked_batch = batch_size
         check_max_channels(max_channels)
         self.max_channels = max_channels
         if samples <= 0:
