@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..attribution import METHODS, make_method, method_info
+from ..attribution import METHODS, method_info
 from ..data.mnist import load_mnist
 from ..errors import ConvlensError
 from ..explain import has_cam_head, load_batch, method_for, run_methods
