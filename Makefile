@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: lab test test-fast bench install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[test,onnx,serve]'
