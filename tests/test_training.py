@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import assert_clean_error, run_cli
@@ -103,3 +104,32 @@ def test_bad_checkpoints(tmp_path):
                 "state_dict": torch.nn.Linear(3, 2).state_dict()}, other)
     assert_clean_error(run_cli("summary", "--model", other), "do not fit")
     assert_clean_error(run_cli("summary", "--model", tmp_path / "nope"), "no such")
+
+
+def test_weight_average_follows_its_recurrence():
+    """a ← a + (1 − d_t)(w − a), d_t = min(decay, (1 + t)/(10 + t)); integer buffers are left alone."""
+    from convlens.training import WeightAverage
+
+    net = torch.nn.Linear(1, 1, bias=False)
+    net.register_buffer("count", torch.tensor(7))
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    avg = WeightAverage(net, decay=0.5)
+    expected = 1.0
+    for t, w in enumerate([3.0, -2.0, 10.0], start=1):
+        with torch.no_grad():
+            net.weight.fill_(w)
+            net.count.fill_(100 + t)
+        avg.update(net)
+        d = min(0.5, (1 + t) / (10 + t))
+        expected = expected + (1 - d) * (w - expected)
+        assert float(avg.average["weight"]) == pytest.approx(expected, rel=1e-6)
+    assert int(avg.average["count"]) == 7
+    restored = WeightAverage(net, 0.5, avg.state())
+    assert restored.steps == 3 and torch.equal(restored.average["weight"], avg.average["weight"])
+
+
+def test_default_recipe_keeps_a_weight_average():
+    from convlens.training import RECIPES
+
+    assert RECIPES["best"].ema_decay == 0.999 and RECIPES["lab"].ema_decay == 0.0

@@ -183,7 +183,7 @@ def cmd_actmax(a: argparse.Namespace) -> int:
         raise ConvlensError("--channels needs --layer")
     classes = a.classes if a.classes is not None else list(range(min(10, len(loaded.class_names))))
     actmax(loaded, a.out, classes, a.tv_weights, pairs, a.layer, a.channels or ([] if not a.layer else list(range(9))),
-           a.steps, a.mode, a.seed, a.param, not a.quiet)
+           a.steps, a.mode, a.seed, a.param, not a.quiet, prior=a.prior, restarts=a.restarts)
     print(display(Path(a.out) / "actmax.json"))
     return 0
 
@@ -310,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=positive_int, default=200)
     p.add_argument("--mode", choices=["default", "kerasvis"], default="default")
     p.add_argument("--param", choices=["pixel", "fourier"], default="pixel", help="fourier: colour models")
+    p.add_argument("--prior", choices=["default", "generator"], default="default",
+                   help="generator: optimize the latent code of a small MNIST VAE (what the network accepts as "
+                        "the class, not its features)")
+    p.add_argument("--restarts", type=positive_int, help="random starts per image, best kept (default 1; generator 4)")
     p.add_argument("--seed", type=seed_int, default=0)
 
     p = sub.add_parser("evaluate", help="faithfulness: deletion/insertion, confidence drop, sanity checks")

@@ -45,11 +45,13 @@ class Recipe:
     rotate_deg: float = 10.0
     scale: float = 0.10
     shift_px: float = 2.0
+    ema_decay: float = 0.0  # > 0: evaluate and keep an exponential moving average of the weights
 
 
 RECIPES = {
     "lab": Recipe("lab", epochs=10, batch_size=256, lr=1e-3, schedule="constant", augment=False, standardize=False),
-    "best": Recipe("best", epochs=30, batch_size=256, lr=1e-2, schedule="onecycle", augment=True, standardize=True),
+    "best": Recipe("best", epochs=30, batch_size=256, lr=1e-2, schedule="onecycle", augment=True, standardize=True,
+                   ema_decay=0.999),
 }
 
 
@@ -117,11 +119,33 @@ def classification_metrics(y: torch.Tensor, pred: torch.Tensor, num_classes: int
     return {"confusion_matrix": cm.tolist(), "precision": precision.tolist(), "recall": recall.tolist()}
 
 
+class WeightAverage:
+    """Exponential moving average of a model's floating-point state: a ← a + (1 − d_t)(w − a) after each step,
+    d_t = min(decay, (1 + t)/(10 + t)) so that the first steps are not dominated by the random start."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, state: dict | None = None):
+        self.decay = decay
+        self.steps = 0 if state is None else int(state["steps"])
+        source = model.state_dict() if state is None else state["average"]
+        self.average = {k: v.detach().clone() for k, v in source.items()}
+
+    def update(self, model: torch.nn.Module) -> None:
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        current = model.state_dict()
+        floats = [k for k, v in self.average.items() if v.is_floating_point()]
+        torch._foreach_lerp_([self.average[k] for k in floats], [current[k].detach() for k in floats], 1.0 - d)
+
+    def state(self) -> dict:
+        return {"steps": self.steps, "average": {k: v.clone() for k, v in self.average.items()}}
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
-def train_one_epoch(model, opt, x, y, recipe: Recipe, epoch: int, seed: int, progress: bool) -> dict:
+def train_one_epoch(model, opt, x, y, recipe: Recipe, epoch: int, seed: int, progress: bool,
+                    average: WeightAverage | None = None) -> dict:
     model.train()
     gen = epoch_generator(seed, epoch)
     perm = torch.randperm(len(x), generator=gen)
@@ -143,6 +167,8 @@ def train_one_epoch(model, opt, x, y, recipe: Recipe, epoch: int, seed: int, pro
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if average is not None:
+            average.update(model)
         with torch.no_grad():
             loss_sum += loss.detach() * len(idx)
             correct += (logits.argmax(1) == yb).sum()
@@ -187,7 +213,7 @@ def train(out: str | Path, recipe: Recipe, seed: int = 0, resume: bool = False, 
     model = LabNet(mean, std).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     meta = {**run_metadata(recipe, seed), "random_labels": random_labels}
-    history, start, best = [], 0, None
+    history, start, best, average_state = [], 0, None, None
     ckpt_path = out / "checkpoint.pt"
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
@@ -195,22 +221,27 @@ def train(out: str | Path, recipe: Recipe, seed: int = 0, resume: bool = False, 
             raise ResumeMismatch(f"{ckpt_path}: was made with another recipe or seed; drop --resume or use a new --out")
         model.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
-        history, start, best = ckpt["history"], ckpt["epoch"], ckpt["best"]
+        history, start, best, average_state = ckpt["history"], ckpt["epoch"], ckpt["best"], ckpt.get("average")
+    average = WeightAverage(model, recipe.ema_decay, average_state) if recipe.ema_decay > 0 else None
+    scored = LabNet(mean, std).to(memory_format=torch.channels_last) if average else model
     epochs = progress_of(range(start, recipe.epochs), desc="training", enabled=progress, unit="epoch",
                          initial=start, total=recipe.epochs, per_item=True)
     for epoch in epochs:
         t0 = time.perf_counter()
-        row = train_one_epoch(model, opt, xtr, ytr, recipe, epoch, seed, progress)
-        val = evaluate(model, xva, yva)
+        row = train_one_epoch(model, opt, xtr, ytr, recipe, epoch, seed, progress, average)
+        if average is not None:  # validate (and keep) the averaged weights
+            scored.load_state_dict(average.average)
+        val = evaluate(scored, xva, yva)
         row.update(epoch=epoch + 1, val_loss=val["loss"], val_accuracy=val["accuracy"],
                    seconds=time.perf_counter() - t0)
         history.append(row)
         if best is None or row["val_accuracy"] >= best["val_accuracy"]:
             best = {"epoch": epoch + 1, "val_accuracy": row["val_accuracy"],
-                    "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+                    "state_dict": {k: v.detach().clone() for k, v in scored.state_dict().items()}}
         epochs.set_postfix(loss=f"{row['train_loss']:.4f}", val_acc=f"{row['val_accuracy']:.4f}")
+        extra = {"average": average.state()} if average is not None else {}
         save_torch(ckpt_path, checkpoint_dict(model, meta, optimizer=opt.state_dict(), history=history,
-                                              epoch=epoch + 1, best=best))
+                                              epoch=epoch + 1, best=best, **extra))
     model.load_state_dict(best["state_dict"])
     return finish(out, model, meta, history, best["epoch"], (xte, yte))
 

@@ -2,13 +2,19 @@
 
 Two modes:
 
-* ``default`` — the best we found for small grayscale networks: Adam on the pixels,
-  1-px jitter, clipping to the input range every step (or, for colour images, an
-  optional Fourier / decorrelated-colour parameterization).
-* ``kerasvis`` — keras-vis 0.4.1 as documented in docs/activation-maximization.md: noise start (mean = middle of
-  the input range, std = 5 % of it), gradient divided by its RMS, RMSprop with lr 1
-  (cache = 0.95·cache + 0.05·g², step g/√(cache + 1e-7)), Lp (p = 6, weight 10) and TV
-  terms, best iterate kept, each image rescaled on its own: (x − mean)/std·0.1 + 0.5.
+* ``default`` — Adam on the pixels, clipped to the input range every step, TV/√N, zero-padded
+  jitter (3 px); optionally a data-informed start image (``init``, e.g. the training mean) and
+  L2 decay outside a central box (``border_decay``), as ``run.py`` sets them for small grayscale
+  networks (or, for colour images, an optional Fourier / decorrelated-colour parameterization).
+* ``kerasvis`` — keras-vis 0.4.1's ``Optimizer.minimize`` (docs/activation-maximization.md, checked against its source):
+  uniform noise start standardized with the population std (mean = middle of the input range,
+  std = 5 % of it), gradient divided by its RMS, RMSprop with lr 1 (cache = 0.95·cache + 0.05·g²,
+  step g/√(cache + 1e-7)), Lp (p = 6, weight 10) and TV terms; the input kept is the one *after*
+  the step whose loss was the lowest; each image rescaled on its own: (x − mean)/(std + 1e-7)·0.1 + 0.5,
+  population std.
+
+Every random draw comes from one generator per image (``RandomPlan``), seeded by ``seed`` (one
+seed for all images, or one per image): an image does not depend on its batch companions.
 """
 from __future__ import annotations
 
@@ -24,8 +30,9 @@ from ..hooks import capture, frozen
 from ..progress import progress as progress_of
 from ..runtime import channels_last_weights
 from .objectives import LOGITS, Objective
-from .param import FourierColorParam, PixelParam, jitter, rotate_scale
-from .regularizers import l2_decay, lp_norm, total_variation
+from .generator import LatentParam
+from .param import FourierColorParam, PixelParam, RandomPlan
+from .regularizers import border_decay, l2_decay, lp_norm, total_variation
 
 Weights = float | Sequence[float]
 
@@ -39,14 +46,20 @@ class ActMaxConfig:
     tv_beta: float = 2.0
     lp_weight: Weights | None = None  # default: 0 (default mode), 10 (kerasvis)
     lp_p: float = 6.0
-    decay: Weights | None = None  # default: 20 (default mode, keeps the background dark), 0 (kerasvis)
-    jitter: int | None = None  # default: 1 px (default mode), 0 (kerasvis)
+    decay: Weights | None = None  # L2 decay of every pixel; default: 20 (default mode), 0 (kerasvis, fourier)
+    border_decay: Weights = 0.0  # L2 decay of the pixels outside the central box (default mode)
+    border_box: int = 20  # side of the central box that border_decay spares
+    jitter: int | None = None  # default: 3 px zero-padded (default mode), 0 (kerasvis; circular when set)
     rotate: float = 0.0
     scale: float = 0.0
     param: str = "pixel"  # or "fourier" (colour images)
+    init: torch.Tensor | None = None  # start image(s) in model input space, (C, H, W) or (B, C, H, W)
+    init_noise: float = 0.1  # std of the start noise, as a fraction of the input range (default mode)
+    decoder: nn.Module | None = None  # generator prior: optimize z of image = decoder(z) ∈ [0, 1] instead
+    latent_decay: float = 1.0  # generator prior: weight of mean(z²), keeps z where the decoder was trained
     input_range: tuple[float, float] = (0.0, 1.0)
     to_input: Callable[[torch.Tensor], torch.Tensor] | None = None  # [0,1] RGB → model input (fourier)
-    seed: int = 0
+    seed: int | Sequence[int] = 0  # one seed for every image, or one per image
     progress: bool = False
 
 
@@ -117,6 +130,19 @@ def check_config(cfg: ActMaxConfig) -> None:
         raise ConvlensError(f"unknown parameterization {cfg.param!r}; use pixel or fourier")
     if not (math.isfinite(cfg.lr) and cfg.lr > 0):
         raise ConvlensError(f"learning rate must be positive, got {cfg.lr}")
+    if (cfg.jitter or 0) < 0:
+        raise ConvlensError(f"jitter must be non-negative, got {cfg.jitter}")
+
+
+def pixel_default(cfg: ActMaxConfig) -> bool:
+    return cfg.mode == "default" and cfg.param == "pixel" and cfg.decoder is None
+
+
+def image_seeds(seed: int | Sequence[int], n: int) -> list[int]:
+    seeds = [int(seed)] * n if isinstance(seed, (int, float)) else [int(s) for s in seed]
+    if len(seeds) != n:
+        raise ConvlensError(f"{len(seeds)} seeds for {n} images")
+    return seeds
 
 
 def maximize(model: nn.Module, objectives: Sequence[Objective], shape: Sequence[int],
@@ -130,14 +156,17 @@ def maximize(model: nn.Module, objectives: Sequence[Objective], shape: Sequence[
     kerasvis = cfg.mode == "kerasvis"
     weights = {"tv": per_sample(cfg.tv_weight, n, "tv weight"),
                "lp": per_sample(cfg.lp_weight, n, "lp weight", 10.0 if kerasvis else 0.0),
-               "decay": per_sample(cfg.decay, n, "decay", 0.0 if kerasvis or cfg.param == "fourier" else 20.0)}
-    gen = torch.Generator().manual_seed(cfg.seed)  # draws on the CPU, so results match on every device
+               "decay": per_sample(cfg.decay, n, "decay", 20.0 if pixel_default(cfg) else 0.0),
+               "border": per_sample(cfg.border_decay, n, "border decay")}
+    jitter = cfg.jitter if cfg.jitter is not None else (0 if kerasvis else 3)
+    # draws on the CPU, one generator per image, so results match on every device and in every batch
+    plan = RandomPlan(image_seeds(cfg.seed, n), cfg.steps, jitter, cfg.rotate, cfg.scale)
     device = next(iter(model.parameters()), torch.zeros(())).device
     weights = {k: v.to(device) for k, v in weights.items()}
     evaluator = Evaluator(model, objectives)
     with frozen(model), channels_last_weights(model):
         run = run_kerasvis if kerasvis else run_default
-        return run(evaluator, n, tuple(shape), cfg, weights, gen, device)
+        return run(evaluator, n, tuple(shape), cfg, weights, plan, device)
 
 
 def tv_scale(x: torch.Tensor) -> float:
@@ -151,6 +180,7 @@ def tv_scale(x: torch.Tensor) -> float:
 
 
 def regularized_loss(x: torch.Tensor, values: torch.Tensor, cfg: ActMaxConfig, w: dict) -> torch.Tensor:
+    """−objective + tv·TV + lp·Lp + decay·mean(x²) + border·mean(mask·(x − lo)²), one value per image."""
     tv = total_variation(x, cfg.tv_beta)
     if cfg.mode == "default":  # TV / √N instead of keras-vis' TV / N (see tv_scale)
         tv = tv * tv_scale(x)
@@ -159,6 +189,8 @@ def regularized_loss(x: torch.Tensor, values: torch.Tensor, cfg: ActMaxConfig, w
         loss = loss + w["lp"] * lp_norm(x, cfg.lp_p)
     if bool((w["decay"] > 0).any()):
         loss = loss + w["decay"] * l2_decay(x)
+    if bool((w["border"] > 0).any()):
+        loss = loss + w["border"] * border_decay(x, cfg.border_box, cfg.input_range[0])
     return loss
 
 
@@ -169,30 +201,55 @@ def finish(evaluator: Evaluator, images: torch.Tensor, display: torch.Tensor, hi
     return ActMaxResult(images.detach(), display.detach(), values, tv, logits.softmax(1), history)
 
 
-def run_default(evaluator, n, shape, cfg: ActMaxConfig, w, gen, device) -> ActMaxResult:
+def start_images(n: int, shape: tuple, cfg: ActMaxConfig, plan: RandomPlan) -> torch.Tensor:
+    """``init`` (or a dark grey, 20 % of the range) plus Gaussian noise of std ``init_noise``·range, clipped."""
     lo, hi = cfg.input_range
-    pixels = 1 if cfg.jitter is None else cfg.jitter
-    if cfg.param == "fourier":
+    noise = plan.draw(lambda g: torch.randn(shape, generator=g))
+    if cfg.init is None:
+        base = torch.full((n, *shape), lo + 0.2 * (hi - lo))
+    else:
+        base = cfg.init.detach().float().cpu()
+        base = base.expand(n, *shape) if base.dim() == len(shape) or base.shape[0] == 1 else base
+        if tuple(base.shape) != (n, *shape):
+            raise ConvlensError(f"start image of shape {tuple(cfg.init.shape)} for {n} images of shape {shape}")
+    return (base + cfg.init_noise * (hi - lo) * noise).clamp(lo, hi)
+
+
+def decoder_latent_size(decoder: nn.Module) -> int:
+    first = next(m for m in decoder.modules() if isinstance(m, nn.Linear))
+    return first.in_features
+
+
+def run_default(evaluator, n, shape, cfg: ActMaxConfig, w, plan: RandomPlan, device) -> ActMaxResult:
+    lo, hi = cfg.input_range
+    latent = None
+    if cfg.decoder is not None:
+        size = decoder_latent_size(cfg.decoder)
+        param = LatentParam(cfg.decoder, plan.draw(lambda g: torch.randn(size, generator=g)).to(device),
+                            cfg.input_range)
+        to_model, latent = None, param.z
+    elif cfg.param == "fourier":
         if shape[0] != 3 or cfg.to_input is None:
             raise ConvlensError("the Fourier parameterization needs a colour model and its input mapping")
-        param = FourierColorParam(n, shape[1:], gen, device=device)
+        param = FourierColorParam(plan.generators, shape[1:], device=device)
         to_model = cfg.to_input
     else:
-        init = lo + (hi - lo) * (0.2 + 0.1 * torch.randn((n, *shape), generator=gen))
-        param = PixelParam(init.clamp(lo, hi).to(device))
+        param = PixelParam(start_images(n, shape, cfg, plan).to(device))
         to_model = None
+    plan.draw_transforms()
     opt = torch.optim.Adam(param.parameters(), lr=cfg.lr)
     history = []
-    for _ in progress_of(range(cfg.steps), desc="activation maximization", unit="step", enabled=cfg.progress):
+    for step in progress_of(range(cfg.steps), desc="activation maximization", unit="step", enabled=cfg.progress):
         img = param.image()
         x = to_model(img) if to_model else img
-        xt = rotate_scale(jitter(x, pixels, gen), cfg.rotate, cfg.scale, gen)
-        values, _ = evaluator(xt)
+        values, _ = evaluator(plan.transform(x, step, "zero", lo))
         loss = regularized_loss(x, values, cfg, w)
+        if latent is not None:
+            loss = loss + cfg.latent_decay * latent.pow(2).mean(1)
         opt.zero_grad(set_to_none=True)
         loss.sum().backward()
         opt.step()
-        if to_model is None:
+        if isinstance(param, PixelParam):
             with torch.no_grad():
                 param.x.clamp_(lo, hi)
         history.append(float(loss.detach().mean()))
@@ -203,33 +260,37 @@ def run_default(evaluator, n, shape, cfg: ActMaxConfig, w, gen, device) -> ActMa
     return finish(evaluator, images, display, history, cfg)
 
 
-def run_kerasvis(evaluator, n, shape, cfg: ActMaxConfig, w, gen, device) -> ActMaxResult:
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """Per image (x − mean)/(std + 1e-7) with the population std, as keras-vis' NumPy code does."""
+    mean = x.mean((1, 2, 3), keepdim=True)
+    return (x - mean) / (x.std(dim=(1, 2, 3), correction=0, keepdim=True) + 1e-7)
+
+
+def run_kerasvis(evaluator, n, shape, cfg: ActMaxConfig, w, plan: RandomPlan, device) -> ActMaxResult:
+    """keras-vis 0.4.1 ``Optimizer.minimize``: the loss is scored at x, the step applied, and the input
+    kept is the one after the step of the lowest scored loss (``best_input = seed_input.copy()``)."""
     lo, hi = cfg.input_range
     mid, span = (lo + hi) / 2, hi - lo
-    noise = torch.rand((n, *shape), generator=gen)
-    noise = (noise - noise.mean((1, 2, 3), keepdim=True)) / noise.std(dim=(1, 2, 3), keepdim=True)
+    noise = standardize(plan.draw(lambda g: torch.rand(shape, generator=g)))
+    plan.draw_transforms()
     x = (mid + 0.05 * span * noise).to(device).requires_grad_(True)
     cache = torch.zeros_like(x)
     best_loss = torch.full((n,), math.inf, device=device)
     best = x.detach().clone()
-    pixels = cfg.jitter or 0
     history = []
-    for _ in progress_of(range(cfg.steps), desc="activation maximization (keras-vis)", unit="step",
-                      enabled=cfg.progress):
-        xt = rotate_scale(jitter(x, pixels, gen), cfg.rotate, cfg.scale, gen)
-        values, _ = evaluator(xt)
+    for step in progress_of(range(cfg.steps), desc="activation maximization (keras-vis)", unit="step",
+                            enabled=cfg.progress):
+        values, _ = evaluator(plan.transform(x, step, "circular", lo))
         loss = regularized_loss(x, values, cfg, w)
         grad = torch.autograd.grad(loss.sum(), x)[0]
         with torch.no_grad():
-            improved = loss.detach() < best_loss
-            best[improved] = x.detach()[improved]
-            best_loss = torch.where(improved, loss.detach(), best_loss)
             grad = grad / (grad.pow(2).mean((1, 2, 3), keepdim=True).sqrt() + 1e-7)
             cache.mul_(0.95).add_(0.05 * grad * grad)
             x -= grad / torch.sqrt(cache + 1e-7)
+            improved = loss.detach() < best_loss
+            best[improved] = x.detach()[improved]
+            best_loss = torch.where(improved, loss.detach(), best_loss)
         history.append(float(loss.detach().mean()))
-    mean = best.mean((1, 2, 3), keepdim=True)
-    std = best.std(dim=(1, 2, 3), keepdim=True) + 1e-7
-    display = ((best - mean) / std * 0.1 + 0.5).clamp(0, 1)
+    display = (standardize(best) * 0.1 + 0.5).clamp(0, 1)
     images = cfg.to_input(display) if cfg.to_input else lo + display * span
     return finish(evaluator, images, display, history, cfg)

@@ -21,3 +21,12 @@ def lp_norm(x: torch.Tensor, p: float = 6.0) -> torch.Tensor:
 
 def l2_decay(x: torch.Tensor) -> torch.Tensor:
     return x.pow(2).flatten(1).mean(1)
+
+
+def border_decay(x: torch.Tensor, box: int, background: float = 0.0) -> torch.Tensor:
+    """Σ over the pixels outside the central ``box``×``box`` square of (x − background)², divided by N = C·H·W."""
+    h, w = x.shape[-2:]
+    top, left = max(0, (h - box) // 2), max(0, (w - box) // 2)
+    outside = torch.ones(h, w, dtype=x.dtype, device=x.device)
+    outside[top:top + box, left:left + box] = 0
+    return ((x - background).pow(2) * outside).flatten(1).sum(1) / x[0].numel()

@@ -12,25 +12,37 @@ from ..errors import ConvlensError
 from ..hooks import resolve_layer
 from ..io import ensure_dir, write_json
 from ..models.registry import LoadedModel
-from .objectives import Objective, channel, class_log_probability, class_logit, soft_min
+from .objectives import Objective, channel, class_logit, soft_min
+from .judge import CLASSIFIERS, judge_images, load_judge
 from .optimize import ActMaxConfig, ActMaxResult, maximize
 
 LAB_TV_WEIGHTS = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
 LAB_PAIRS = [(1, 7), (4, 9), (0, 1), (7, 8)]
+PRIORS = ("default", "generator")
 CHOICE_PROBABILITY = 0.9
-CRITERION = (f"the largest tv weight at which every class image is classified as its target with "
-             f"probability ≥ {CHOICE_PROBABILITY} (else the weight with the best worst-case probability)")
+CRITERION_JUDGE = (f"among the tv weights at which every class image is classified as its target by the network with "
+                   f"probability ≥ {CHOICE_PROBABILITY}, the one at which an independent judge (a classifier of "
+                   f"another shape trained on the same data) recognizes the most class images; ties go to the "
+                   f"higher mean judge probability, then to the smaller weight")
+CRITERION_OWN = (f"the largest tv weight at which every class image is classified as its target with "
+                 f"probability ≥ {CHOICE_PROBABILITY} (else the weight with the best worst-case probability)")
+# Small grayscale networks (measured with bench/actmax.py --realism, docs/activation-maximization.md): start
+# from the training mean image with little noise, L2 decay outside the central 20×20 box, 3-px zero-padded jitter.
+GRAYSCALE_BORDER_DECAY = 200.0
+GRAYSCALE_DECAY = 20.0
+GRAYSCALE_INIT_NOISE = 0.05
+GENERATOR_RESTARTS = 4
 
 
 def pair_objective(a: int, b: int, mode: str) -> Objective:
     """keras-vis maximizes the sum of both logits. The default mode maximizes the smooth minimum of both
-    log-probabilities, so the easier class cannot win alone and no third class creeps in."""
+    logits, so the easier class cannot win alone (measured: better than the smooth minimum of log-probabilities)."""
     if mode == "kerasvis":
         return class_logit(a) + class_logit(b)
-    return soft_min(class_log_probability(a), class_log_probability(b), temperature=0.5)
+    return soft_min(class_logit(a), class_logit(b), temperature=1.0)
 
 
-def choose_tv_weight(tv_weights: Sequence[float], probs: np.ndarray) -> tuple[float, str]:
+def choose_by_own_probability(tv_weights: Sequence[float], probs: np.ndarray) -> tuple[float, str]:
     """``probs[i, j]``: probability of class j's target on its image at ``tv_weights[i]``."""
     worst = probs.min(1)
     ok = [i for i in range(len(tv_weights)) if worst[i] >= CHOICE_PROBABILITY]
@@ -41,8 +53,91 @@ def choose_tv_weight(tv_weights: Sequence[float], probs: np.ndarray) -> tuple[fl
     return tv_weights[i], f"no weight reached {CHOICE_PROBABILITY} for every class; best worst case {worst[i]:.3f}"
 
 
-def validate(loaded: LoadedModel, classes, pairs, layer, channels, tv_weights, steps) -> None:
+def choose_by_judge(tv_weights: Sequence[float], probs: np.ndarray, counts: Sequence[int],
+                    judge_means: Sequence[float]) -> tuple[float, str]:
+    """The most judge-recognized images among the weights where the network's own worst target probability is
+    ≥ CHOICE_PROBABILITY (all weights if none is); ties: higher mean judge probability, then smaller weight.
+
+    The key of a weight depends only on that weight's images, so adding weights that are not better never
+    moves the choice."""
+    worst = probs.min(1)
+    eligible = [i for i in range(len(tv_weights)) if worst[i] >= CHOICE_PROBABILITY] or list(range(len(tv_weights)))
+    i = min(eligible, key=lambda j: (-counts[j], -judge_means[j], tv_weights[j]))
+    note = "" if worst[i] >= CHOICE_PROBABILITY else f"; no weight reached {CHOICE_PROBABILITY} for every class"
+    return tv_weights[i], (f"judge recognizes {counts[i]}/{probs.shape[1]} class images (mean probability "
+                           f"{judge_means[i]:.3f}); the network's worst target probability {worst[i]:.3f}{note}")
+
+
+def dataset_of(loaded: LoadedModel) -> str | None:
+    """The training data set of the model when convlens has it ("mnist"), from the model profile."""
+    return loaded.profile.dataset
+
+
+def training_mean_image(loaded: LoadedModel) -> torch.Tensor:
+    """The mean MNIST training image, mapped into the model's input range."""
+    from ..data.mnist import load_mnist
+
+    x, _ = load_mnist("train").tensors()
+    lo, hi = loaded.input_range
+    return lo + (hi - lo) * x.mean(0)
+
+
+def base_config(loaded: LoadedModel, steps: int, mode: str, seed: int, param: str, prior: str,
+                progress: bool) -> ActMaxConfig:
+    """The engine's settings for this model: the grayscale recipe, the colour mapping or the generator prior."""
+    shape = tuple(loaded.profile.input_shape)
+    cfg = ActMaxConfig(steps=steps, mode=mode, seed=seed, input_range=loaded.input_range, progress=progress,
+                       param=param, to_input=loaded.profile.from_unit)
+    if mode == "kerasvis":
+        return cfg
+    if prior == "generator":
+        from .generator import load_decoder
+
+        decoder, _ = load_decoder()
+        device = next(loaded.model.parameters()).device
+        return replace(cfg, decoder=decoder.to(device), param="pixel")
+    if shape[0] == 1 and param == "pixel":
+        init = training_mean_image(loaded) if dataset_of(loaded) == "mnist" else None
+        return replace(cfg, init=init, init_noise=GRAYSCALE_INIT_NOISE, decay=GRAYSCALE_DECAY,
+                       border_decay=GRAYSCALE_BORDER_DECAY)
+    return cfg
+
+
+def maximize_with_restarts(model, objectives: list[Objective], shape, cfg: ActMaxConfig,
+                           restarts: int) -> ActMaxResult:
+    """``restarts`` random starts per objective (seeds seed·1000 + r) in one batch; per objective the start
+    whose final objective value is the highest is kept."""
+    if restarts <= 1:
+        return maximize(model, objectives, shape, cfg)
+    n = len(objectives)
+    tv = per_image(cfg.tv_weight, n)
+    seed = int(cfg.seed) if isinstance(cfg.seed, (int, float)) else None
+    if seed is None:
+        raise ConvlensError("restarts take one seed for all images")
+    batch = maximize(model, [o for o in objectives for _ in range(restarts)], shape,
+                     replace(cfg, tv_weight=[w for w in tv for _ in range(restarts)],
+                             seed=[seed * 1000 + r for _ in range(n) for r in range(restarts)]))
+    best = batch.objective.view(n, restarts).argmax(1) + torch.arange(n, device=batch.objective.device) * restarts
+    return ActMaxResult(batch.images[best], batch.display[best], batch.objective[best], batch.tv[best],
+                        batch.probabilities[best], batch.history)
+
+
+def per_image(weights, n: int) -> list[float]:
+    values = [float(weights)] * n if isinstance(weights, (int, float)) else [float(w) for w in weights]
+    if len(values) != n:
+        raise ConvlensError(f"{len(values)} tv weights for {n} images")
+    return values
+
+
+def validate(loaded: LoadedModel, classes, pairs, layer, channels, tv_weights, steps, prior="default",
+             mode="default", restarts=None) -> None:
     n = len(loaded.class_names)
+    if restarts is not None and restarts < 1:
+        raise ConvlensError(f"--restarts must be at least 1, got {restarts}")
+    if prior not in PRIORS:
+        raise ConvlensError(f"unknown prior {prior!r}; use {' or '.join(PRIORS)}")
+    if prior == "generator" and (mode != "default" or dataset_of(loaded) != "mnist"):
+        raise ConvlensError("--prior generator needs the default mode and an MNIST model (the generator is an MNIST VAE)")
     for c in list(classes) + [c for p in pairs for c in p]:
         if not 0 <= c < n:
             raise ConvlensError(f"class {c} out of range 0..{n - 1}")
@@ -72,57 +167,79 @@ def image_records(result: ActMaxResult, objectives: list[Objective], targets: li
 
 def actmax(loaded: LoadedModel, out, classes=range(10), tv_weights=LAB_TV_WEIGHTS, pairs=LAB_PAIRS,
            layer: str | None = None, channels: Sequence[int] = (), steps: int = 200, mode: str = "default",
-           seed: int = 0, param: str = "pixel", progress: bool = True) -> dict:
-    """Run the sweep (classes × tv weights), pairs and channels; write figures and JSON into ``out``."""
+           seed: int = 0, param: str = "pixel", progress: bool = True, prior: str = "default",
+           restarts: int | None = None) -> dict:
+    """Run the sweep (classes × tv weights), pairs and channels; write figures and JSON into ``out``.
+
+    For MNIST models an independent judge (``judge.py``) scores every image and chooses the tv weight.
+    """
     from ..plots import actmax as aplots
 
     out = ensure_dir(out)
     classes, tv_weights, pairs, channels = list(classes), list(tv_weights), list(pairs), list(channels)
-    validate(loaded, classes, pairs, layer, channels, tv_weights, steps)
+    validate(loaded, classes, pairs, layer, channels, tv_weights, steps, prior, mode, restarts)
     shape = loaded.profile.input_shape
-    base = ActMaxConfig(steps=steps, mode=mode, seed=seed, input_range=loaded.input_range, progress=progress,
-                        param=param, to_input=loaded.profile.from_unit)
+    base = base_config(loaded, steps, mode, seed, param, prior, progress)
+    restarts = (GENERATOR_RESTARTS if prior == "generator" else 1) if restarts is None else restarts
+    judge = load_judge()[0] if dataset_of(loaded) == "mnist" else None
     timings = {}
 
     start = time.perf_counter()
     sweep_objs = [class_logit(c) for _ in tv_weights for c in classes]
     sweep_tvs = [w for w in tv_weights for _ in classes]
-    sweep = maximize(loaded.model, sweep_objs, shape, replace(base, tv_weight=sweep_tvs))
+    sweep = maximize_with_restarts(loaded.model, sweep_objs, shape, replace(base, tv_weight=sweep_tvs), restarts)
     timings["sweep"] = time.perf_counter() - start
-    probs = np.array([[float(sweep.probabilities[i * len(classes) + j, c]) for j, c in enumerate(classes)]
+    k = len(classes)
+    probs = np.array([[float(sweep.probabilities[i * k + j, c]) for j, c in enumerate(classes)]
                       for i in range(len(tv_weights))])
-    chosen, why = choose_tv_weight(tv_weights, probs)
     records = image_records(sweep, sweep_objs, [[c] for _ in tv_weights for c in classes], sweep_tvs,
                             [f"class{c}_tv{w:g}" for w in tv_weights for c in classes], loaded.class_names)
+    judged = None
+    if judge is not None:
+        verdict = judge_images(judge, sweep.display, [[c] for _ in tv_weights for c in classes])
+        add_verdicts(records, verdict, loaded.class_names)
+        judged = {"counts": [sum(verdict.recognized[i * k:(i + 1) * k]) for i in range(len(tv_weights))],
+                  "mean_probability": [float(np.mean(verdict.probabilities[i * k:(i + 1) * k]))
+                                       for i in range(len(tv_weights))]}
+        chosen, why = choose_by_judge(tv_weights, probs, judged["counts"], judged["mean_probability"])
+    else:
+        chosen, why = choose_by_own_probability(tv_weights, probs)
 
     pair_result, pair_records = None, []
     if pairs:
         start = time.perf_counter()
         pair_objs = [pair_objective(a, b, mode) for a, b in pairs]
         # pairs are few and harder (two classes must both win): twice the steps, measured to be needed
-        pair_result = maximize(loaded.model, pair_objs, shape, replace(base, tv_weight=chosen, steps=2 * steps))
+        pair_result = maximize_with_restarts(loaded.model, pair_objs, shape,
+                                             replace(base, tv_weight=chosen, steps=2 * steps), restarts)
         timings["pairs"] = time.perf_counter() - start
         pair_records = image_records(pair_result, pair_objs, [list(p) for p in pairs], [chosen] * len(pairs),
                                      [f"pair{a}+{b}" for a, b in pairs], loaded.class_names)
         for rec in pair_records:
             rec["both_top2"] = sorted(rec["top2"]) == sorted(loaded.class_names[t] for t in rec["targets"])
+        if judge is not None:
+            add_verdicts(pair_records, judge_images(judge, pair_result.display, [list(p) for p in pairs]),
+                         loaded.class_names)
 
     chan_result, chan_records = None, []
     if layer is not None and channels:
         start = time.perf_counter()
         chan_objs = [channel(layer, k) for k in channels]
-        chan_result = maximize(loaded.model, chan_objs, shape, replace(base, tv_weight=chosen))
+        chan_result = maximize_with_restarts(loaded.model, chan_objs, shape, replace(base, tv_weight=chosen), restarts)
         timings["channels"] = time.perf_counter() - start
         chan_records = image_records(chan_result, chan_objs, [[] for _ in channels], [chosen] * len(channels),
                                      [f"{layer}_ch{k}" for k in channels], loaded.class_names)
 
+    label = PRIOR_LABELS[prior if mode == "default" else "kerasvis"]
+    counts = judged["counts"] if judged else None
     figures = {"sweep": aplots.plot_sweep(sweep.display, classes, tv_weights, chosen, probs, loaded,
-                                          out / "sweep.png").name}
+                                          out / "sweep.png", counts=counts, label=label).name}
     row = tv_weights.index(chosen)
-    chosen_images = sweep.display[row * len(classes):(row + 1) * len(classes)]
+    chosen_images = sweep.display[row * k:(row + 1) * k]
     figures["chosen"] = aplots.plot_row(chosen_images, [f"{loaded.class_names[c]}\np={probs[row, j]:.2f}"
                                                         for j, c in enumerate(classes)],
-                                        f"Class images at the chosen tv weight {chosen:g}", out / "chosen.png").name
+                                        f"{label}: class images at the chosen tv weight {chosen:g}",
+                                        out / "chosen.png").name
     for rec, img in zip(pair_records, pair_result.display if pair_result is not None else []):
         figures[rec["name"]] = aplots.plot_pair(img, rec, loaded, out / f"{rec['name']}.png").name
     if chan_result is not None:
@@ -134,10 +251,31 @@ def actmax(loaded: LoadedModel, out, classes=range(10), tv_weights=LAB_TV_WEIGHT
                         torch.cat([r.display for r in (sweep, pair_result, chan_result) if r is not None])):
         rec["image"] = "images/" + aplots.save_image(img, loaded, images_dir / f"{rec['name']}.png").name
         write_json(images_dir / f"{rec['name']}.json", rec)
-    summary = {"mode": mode, "steps": steps, "seed": seed, "classes": classes, "tv_weights": tv_weights,
-               "chosen_tv_weight": chosen, "choice": why, "criterion": CRITERION,
+    summary = {"mode": mode, "prior": prior, "label": label, "steps": steps, "seed": seed, "restarts": restarts,
+               "classes": classes, "tv_weights": tv_weights, "chosen_tv_weight": chosen, "choice": why,
+               "criterion": CRITERION_JUDGE if judge is not None else CRITERION_OWN,
                "probabilities": probs.tolist(), "images": records, "pairs": pair_records,
                "channels": chan_records, "figures": figures, "seconds": timings}
+    if judged is not None:
+        summary["judge"] = {**judged, "description": JUDGE_DESCRIPTION, "test_accuracy": load_judge()[1]["test_accuracy"],
+                            "pairs_recognized": sum(r["judge_recognized"] for r in pair_records),
+                            "pairs_recognized_by": {name: sum(r["judge_recognized_by"][name] for r in pair_records)
+                                                    for name in CLASSIFIERS}}
     write_json(out / "actmax.json", summary)
     return summary
+
+
+PRIOR_LABELS = {"default": "Activation maximization (pixels, mean-image start)",
+                "kerasvis": "Activation maximization (keras-vis 0.4.1 reproduction)",
+                "generator": "What the network accepts as the class (generator prior)"}
+JUDGE_DESCRIPTION = ("two classifiers of other shapes than the network (a strided CNN without max-pooling and a "
+                     "one-hidden-layer MLP), trained once on the same MNIST training set; an image counts as "
+                     "recognized when both put its target first (a pair: both targets in both top twos)")
+
+
+def add_verdicts(records: list[dict], verdict, class_names: list[str]) -> None:
+    for rec, ok, p, top, each in zip(records, verdict.recognized, verdict.probabilities, verdict.top,
+                                     verdict.by_classifier):
+        rec.update(judge_recognized=ok, judge_probability=p, judge_top=[class_names[t] for t in top],
+                   judge_recognized_by=each)
 

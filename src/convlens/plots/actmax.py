@@ -23,7 +23,8 @@ def show(ax, img: torch.Tensor) -> None:
     ax.set_yticks([])
 
 
-def plot_sweep(display, classes, tv_weights, chosen, probs, loaded, path: Path) -> Path:
+def plot_sweep(display, classes, tv_weights, chosen, probs, loaded, path: Path, counts=None,
+               label: str = "Activation maximization") -> Path:
     rows, cols = len(tv_weights), len(classes)
     fig, axes = plt.subplots(rows, cols, figsize=(1.25 * cols + 0.8, 1.45 * rows + 0.5), squeeze=False,
                              layout="constrained")
@@ -35,14 +36,16 @@ def plot_sweep(display, classes, tv_weights, chosen, probs, loaded, path: Path) 
             if i == 0:
                 ax.set_title(loaded.class_names[c], fontsize=9)
             if j == 0:
-                ax.set_ylabel(f"tv {w:g}" + ("  ◀ chosen" if w == chosen else ""), fontsize=8,
+                judged = "" if counts is None else f"\njudge {counts[i]}/{cols}"
+                ax.set_ylabel(f"tv {w:g}" + (" ◀" if w == chosen else "") + judged, fontsize=8,
                               color="crimson" if w == chosen else "black")
             if w == chosen:
                 for spine in ax.spines.values():
                     spine.set_edgecolor("crimson")
                     spine.set_linewidth(2)
-    fig.suptitle("Activation maximization: rows = tv weight, columns = class "
-                 "(p = softmax probability of the target)", fontsize=10)
+    judged = "" if counts is None else "; judge = images two independent classifiers recognize"
+    fig.suptitle(f"{label}\nrows = tv weight (◀ chosen), columns = class, p = the network's probability of the "
+                 f"target{judged}", fontsize=9)
     return save_figure(fig, path)
 
 

@@ -67,30 +67,48 @@ def section_exercise1(metrics: dict, history: list, ex1: dict) -> tuple[str, dic
 def section_exercise2(ex2: dict) -> tuple[str, dict]:
     chosen = ex2["chosen_tv_weight"]
     figs = ex2["figures"]
+    judge = ex2.get("judge")
     pair_rows = []
     for rec in ex2["pairs"]:
         a, b = rec["targets"]
         ok = '<span class="ok">yes</span>' if rec.get("both_top2") else '<span class="bad">no</span>'
-        pair_rows.append([f"{a} & {b}", f"{rec['target_probabilities'][0]:.3f}", f"{rec['target_probabilities'][1]:.3f}",
-                          esc(", ".join(rec["top2"])), ok])
+        row = [f"{a} & {b}", f"{rec['target_probabilities'][0]:.3f}", f"{rec['target_probabilities'][1]:.3f}",
+               esc(", ".join(rec["top2"])), ok]
+        if judge:
+            row.append('<span class="ok">yes</span>' if rec.get("judge_recognized") else '<span class="bad">no</span>')
+        pair_rows.append(row)
     row = ex2["tv_weights"].index(chosen)
     probs = ex2["probabilities"][row]
     pair_figs = "".join(fig("actmax/" + figs[rec["name"]], f"{rec['targets'][0]} and {rec['targets'][1]} at once.")
                         for rec in ex2["pairs"] if rec["name"] in figs)
+    n = len(ex2["classes"])
+    judge_html = ""
+    if judge:
+        rows = [[f"{w:g}" + (" ◀" if w == chosen else ""), f"{c}/{n}", f"{m:.3f}", f"{min(p):.3f}"]
+                for w, c, m, p in zip(ex2["tv_weights"], judge["counts"], judge["mean_probability"],
+                                      ex2["probabilities"])]
+        judge_html = f"""<p>Judge: {esc(judge["description"])}.</p>
+{table(["tv weight", "judge recognizes", "judge mean p", "network's worst p"], rows, {1, 2, 3})}"""
+    label = ex2.get("label", "Activation maximization")
     body = f"""
 <section id="ex2"><h2>Exercise 2 — activation maximization</h2>
-<p>{len(ex2['classes'])} classes × {len(ex2['tv_weights'])} tv weights optimized together in one batch
+<p>{esc(label)}: {n} classes × {len(ex2['tv_weights'])} tv weights optimized together in one batch
 ({ex2['steps']} steps, mode <code>{esc(ex2['mode'])}</code>, seed {ex2['seed']}) in {ex2['seconds']['sweep']:.1f} s.</p>
 {fig("actmax/" + figs['sweep'], f"Rows: tv weight; columns: class; p = softmax probability of the target. The chosen weight ({chosen:g}) is framed in red.")}
 <div class="obs">Chosen tv weight: <b>{chosen:g}</b> — {esc(ex2['choice'])}. Criterion: {esc(ex2['criterion'])}.
 At this weight the class images are classified as their target with probability {min(probs):.3f} to {max(probs):.3f}.</div>
+{judge_html}
 {fig("actmax/" + figs['chosen'], f"The ten class images at tv weight {chosen:g}.")}
 <h3>Two outputs at once</h3>
-{table(["pair", "p(first)", "p(second)", "top two classes", "both on top"], pair_rows, {1, 2})}
+{table(["pair", "p(first)", "p(second)", "top two classes", "both on top"] + (["judge: both on top"] if judge else []),
+       pair_rows, {1, 2})}
 <div class="grid2">{pair_figs}</div>
 </section>"""
-    return body, {"chosen_tv_weight": chosen, "class_probabilities_at_chosen": probs,
-                  "pairs": {f"{r['targets'][0]}+{r['targets'][1]}": r["target_probabilities"] for r in ex2["pairs"]}}
+    key = {"chosen_tv_weight": chosen, "class_probabilities_at_chosen": probs,
+           "pairs": {f"{r['targets'][0]}+{r['targets'][1]}": r["target_probabilities"] for r in ex2["pairs"]}}
+    if judge:
+        key["judge_counts"] = dict(zip(map(str, ex2["tv_weights"]), judge["counts"]))
+    return body, key
 
 
 def section_exercise3(ex3: dict) -> tuple[str, dict]:
