@@ -21,8 +21,8 @@ LAB_PAIRS = [(1, 7), (4, 9), (0, 1), (7, 8)]
 PRIORS = ("default", "generator")
 CHOICE_PROBABILITY = 0.9
 CRITERION_JUDGE = (f"among the tv weights at which every class image is classified as its target by the network with "
-                   f"probability ≥ {CHOICE_PROBABILITY}, the one at which an independent judge (a classifier of "
-                   f"another shape trained on the same data) recognizes the most class images; ties go to the "
+                   f"probability ≥ {CHOICE_PROBABILITY}, the one at which an independent judge (two classifiers of other "
+                   f"shapes trained on the same data) recognizes the most class images; ties go to the "
                    f"higher mean judge probability, then to the smaller weight")
 CRITERION_OWN = (f"the largest tv weight at which every class image is classified as its target with "
                  f"probability ≥ {CHOICE_PROBABILITY} (else the weight with the best worst-case probability)")
