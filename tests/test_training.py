@@ -129,7 +129,19 @@ def test_weight_average_follows_its_recurrence():
     assert restored.steps == 3 and torch.equal(restored.average["weight"], avg.average["weight"])
 
 
-def test_default_recipe_keeps_a_weight_average():
+def test_default_recipe_keeps_the_last_weight_average():
     from convlens.training import RECIPES
 
-    assert RECIPES["best"].ema_decay == 0.999 and RECIPES["lab"].ema_decay == 0.0
+    assert RECIPES["best"].ema_decay == 0.999 and RECIPES["best"].keep == "last"
+    assert RECIPES["lab"].ema_decay == 0.0 and RECIPES["lab"].keep == "best-val"
+
+
+def test_kept_weights_are_the_last_average(trained_run):
+    """The default recipe keeps the last epoch's averaged weights (not the raw ones, not an earlier epoch)."""
+    ckpt = load_checkpoint(trained_run / "checkpoint.pt")
+    model = load_checkpoint(trained_run / "model.pt")
+    history = json.loads((trained_run / "history.json").read_text())
+    assert model["meta"]["selected_epoch"] == len(history) == ckpt["epoch"]
+    average = ckpt["average"]["average"]
+    assert all(torch.equal(model["state_dict"][k], average[k]) for k in average)
+    assert any(not torch.equal(ckpt["state_dict"][k], average[k]) for k in average)  # raw weights differ
