@@ -1,11 +1,14 @@
 """Exercise 1 pipelines: `convlens featuremaps` and `convlens stats` (figures + JSON into a folder)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
+from . import distributed
 from . import stats as fstats
 from .data.folders import scan_labelled_folder, stream_batches
 from .data.images import open_image
@@ -92,15 +95,20 @@ def finish_featuremaps(loaded: LoadedModel, x: torch.Tensor, label: str, layers:
 
 
 class ClassMeans:
-    """Running per-class mean of the input images as displayed (grey, [0, 1]), for the rank overlays."""
+    """Running per-class mean of the input images as displayed (grey, [0, 1]), for the rank overlays.
+    ``sum`` and ``count`` are updated in place (so they can live in a checkpointed, all-reduced state)."""
 
-    def __init__(self, classes: int, deprocess):
+    def __init__(self, classes: int, deprocess, sum: torch.Tensor | None = None, count: torch.Tensor | None = None):
         self.classes, self.deprocess = classes, deprocess
-        self.sum, self.count = None, torch.zeros(classes, dtype=torch.float64)
+        self.sum = sum
+        self.count = torch.zeros(classes, dtype=torch.float64) if count is None else count
+
+    def grey(self, x: torch.Tensor) -> torch.Tensor:
+        shown = [np.asarray(self.deprocess(xi), dtype=np.float64) for xi in x]
+        return torch.from_numpy(np.stack([a.mean(-1) if a.ndim == 3 else a for a in shown]))
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        shown = [np.asarray(self.deprocess(xi), dtype=np.float64) for xi in x]
-        grey = torch.from_numpy(np.stack([a.mean(-1) if a.ndim == 3 else a for a in shown]))
+        grey = self.grey(x)
         if self.sum is None:
             self.sum = torch.zeros(self.classes, *grey.shape[1:], dtype=torch.float64)
         self.sum.index_add_(0, y.cpu(), grey)
@@ -110,44 +118,104 @@ class ClassMeans:
         return (self.sum / self.count.clamp_min(1)[:, None, None]).float().numpy()
 
 
-def tallied(batches, means: ClassMeans):
-    """Pass (x, y) batches through, adding each to the running class means."""
-    for x, y, *_ in batches:
-        means.add(x, y)
-        yield x, y
+FOLDER_BATCH, FOLDER_STEP = 64, 256
 
 
-def data_source(loaded: LoadedModel, split: str, data: str | None, limit: int | None, skipped: list[str]):
-    """(batches, total batches, class names, output index per class, description) for statistics."""
+@dataclass
+class Source:
+    """A labelled dataset read by item range: ``batches(lo, hi, skipped)`` yields (images, labels) of the
+    readable items in [lo, hi) (unreadable ones named on stderr and appended to ``skipped``)."""
+    count: int
+    step: int
+    batches: Callable[[int, int, list], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+    example: Callable[[], torch.Tensor]
+    names: list[str]
+    class_index: list[int] | None
+    describe: str
+
+
+def data_source(loaded: LoadedModel, split: str, data: str | None, limit: int | None) -> Source:
+    """The statistics' data: a labelled folder (streamed), or an MNIST split (lab network)."""
     if limit is not None and limit <= 0:
         raise ConvlensError(f"--limit must be positive, got {limit}")
     if data is not None:
         folder, names = scan_labelled_folder(data, loaded.class_names)
         items = folder.items[:limit] if limit else folder.items
-        batches = stream_batches(items, loaded.preprocess, loaded.profile.image_mode, 64, skipped=skipped)
+        mode = loaded.profile.image_mode
+
+        def folder_batches(lo: int, hi: int, skipped: list):
+            for x, y, _ in stream_batches(items[lo:hi], loaded.preprocess, mode, FOLDER_BATCH, skipped=skipped):
+                yield x, y
+
+        def first_readable() -> torch.Tensor:
+            for path, _ in items:
+                try:
+                    return loaded.preprocess(open_image(path, mode))[None]
+                except ConvlensError:
+                    continue
+            raise ConvlensError(f"{data}: none of its images could be read")
         shown = [names[i] for i in folder.model_index]
-        return batches, -(-len(items) // 64), shown, folder.model_index, str(data)
+        return Source(len(items), FOLDER_STEP, folder_batches, first_readable, shown, folder.model_index, str(data))
     if loaded.profile.dataset != "mnist":
         raise ConvlensError("statistics of this model need a labelled image folder: give --data FOLDER")
-    x, y = load_mnist(split).tensors()
-    if limit:
-        x, y = x[:limit], y[:limit]
-    return fstats.tensor_batches(x, y, BATCH), -(-len(x) // BATCH), loaded.class_names, None, split
+    mnist = load_mnist(split)
+
+    def mnist_slice(lo: int, hi: int, skipped: list):  # floats in [0, 1] as MnistSplit.tensors() makes them
+        x = torch.from_numpy(np.array(mnist.images[lo:hi])).unsqueeze(1).float().div_(255.0)
+        yield x, torch.from_numpy(np.array(mnist.labels[lo:hi])).long()
+    count = min(len(mnist.labels), limit or len(mnist.labels))
+    return Source(count, BATCH, mnist_slice, lambda: next(mnist_slice(0, 1, []))[0], loaded.class_names, None,
+                  split)
+
+
+def collect_shards(loaded: LoadedModel, source: Source, layers: list[str], correct_only: bool,
+                   job: distributed.Job) -> tuple[fstats.FilterStats, ClassMeans, list[str]]:
+    """Statistics, class-mean images and skipped files over the whole source: each rank folds its shard
+    of steps, then sums, counts and maxima are all-reduced (every rank gets the totals) and the skipped
+    files gathered (rank 0 gets them, in dataset order)."""
+    classes = len(source.names)
+    example = source.example()
+    means = ClassMeans(classes, loaded.deprocess)
+    state = {"stats": fstats.FilterStats(fstats.layer_shapes(loaded.model, layers, example), classes).state(),
+             "image_sum": torch.zeros(classes, *means.grey(example).shape[1:], dtype=torch.float64),
+             "image_count": means.count, "skipped": []}
+
+    def add(state: dict, lo_hi: tuple[int, int]) -> dict:
+        stats = fstats.FilterStats.from_state(state["stats"])
+        means = ClassMeans(classes, loaded.deprocess, state["image_sum"], state["image_count"])
+        for x, y in source.batches(*lo_hi, state["skipped"]):
+            means.add(x, y)
+            fstats.collect(loaded.model, [(x, y)], layers, classes, correct_only,
+                           class_index=source.class_index, into=stats)
+        return state
+
+    state = distributed.fold(job, lambda lo, hi: (lo, hi), add, state)
+    skipped = distributed.gather_ordered(job.units().start, state.pop("skipped"))
+    distributed.all_reduce_tree(state, loaded.device)
+    means = ClassMeans(classes, loaded.deprocess, state["image_sum"], state["image_count"])
+    return fstats.FilterStats.from_state(state["stats"]), means, skipped or []
+
+
 def statistics(loaded: LoadedModel, out, layers=None, split: str = "test", correct_only: bool = False,
-               data: str | None = None, limit: int | None = None, progress: bool = True) -> dict:
-    """Collect the statistics in one streaming pass and write stats.npz, stats.json and the figures."""
+               data: str | None = None, limit: int | None = None, progress: bool = True,
+               resume: bool = False) -> dict | None:
+    """Collect the statistics in one streaming pass and write stats.npz, stats.json and the figures.
+
+    Under torchrun each rank takes a shard; rank 0 alone writes (other ranks return None)."""
     layers = layers or default_layers(loaded)
-    skipped: list[str] = []
-    batches, total, names, class_index, source = data_source(loaded, split, data, limit, skipped)
-    out = ensure_dir(out)
-    means = ClassMeans(len(names), loaded.deprocess)
-    device = loaded.device
-    moved = ((x.to(device), y.to(device)) for x, y in tallied(batches, means))
-    result = fstats.collect(loaded.model, moved, layers, len(names), correct_only, progress, total,
-                            class_index=class_index)
+    source = data_source(loaded, split, data, limit)
+    if distributed.is_writer():
+        out = ensure_dir(out)
+    key = distributed.fingerprint(loaded.model, source=source.describe, count=source.count, layers=layers,
+                                  correct_only=correct_only, step=source.step)
+    job = distributed.Job("statistics", source.count, source.step, Path(out), key, resume, progress)
+    result, means, skipped = collect_shards(loaded, source, layers, correct_only, job)
+    if not distributed.is_writer():
+        return None
+    names = source.names
     fstats.save(result, out / "stats.npz")
     summary = fstats.summary(result, class_names=names)
-    summary.update(split=source, correct_only=correct_only, skipped=skipped,
+    summary.update(split=source.describe, correct_only=correct_only, skipped=skipped,
                    definition="reconstruction (docs/filter-statistics.md): the course's exact definition is unpublished")
     per_layer = {layer: result.layer(layer) for layer in layers}
     if all(per_layer[layer]["mean_map"].ndim == 4 for layer in layers):
@@ -163,4 +231,5 @@ def statistics(loaded: LoadedModel, out, layers=None, split: str = "test", corre
                                                                       out / f"ranked_maps_{layer}.png", names).name
         summary["figures"] = figures
     write_json(out / "stats.json", summary)
+    job.cleanup()
     return summary

@@ -175,3 +175,15 @@ def gib(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}" if unit == "GiB" else f"{n / size:.0f} {unit}"
     return f"{max(n, 0) / 2**10:.0f} KiB"
+
+
+class SliceReporter(SkipReporter):
+    """For one slice of a larger job (a rank's shard, a step): names each unreadable file at once and
+    never raises; the job decides at its end whether anything at all was read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.any_read = True
+
+    def finish(self) -> None:
+        pass

@@ -132,11 +132,13 @@ def cmd_summary(a: argparse.Namespace) -> int:
 @command
 def cmd_predict(a: argparse.Namespace) -> int:
     from .data.images import sample_photo_paths
-    from .explain import format_table, predict_files
+    from .explain import format_table, sharded_predictions
     from .io import write_json
 
-    loaded = model_from(a)
-    rows, failures = predict_files(loaded, a.images or sample_photo_paths(), a.top)
+    result = sharded_predictions(model_from(a), a.images or sample_photo_paths(), a.top)
+    if result is None:  # not the writing rank of a distributed run
+        return 0
+    rows, failures = result
     if a.json:
         write_json(a.json, rows)
     print(format_table(rows))
@@ -168,7 +170,10 @@ def cmd_featuremaps(a: argparse.Namespace) -> int:
 def cmd_stats(a: argparse.Namespace) -> int:
     from .analysis import statistics
 
-    summary = statistics(model_from(a), a.out, a.layers, a.split, a.correct_only, a.data, a.limit, not a.quiet)
+    summary = statistics(model_from(a), a.out, a.layers, a.split, a.correct_only, a.data, a.limit, not a.quiet,
+                         a.resume)
+    if summary is None:  # not the writing rank of a distributed run
+        return 0
     print(display(Path(a.out) / "stats.json"))
     return 1 if summary.get("skipped") else 0
 
@@ -193,7 +198,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluation.run import evaluate
 
     summary = evaluate(model_from(a), a.out, a.methods, a.images, a.mnist_test, a.steps, a.sanity_images,
-                       not a.no_data_randomization, a.seed, not a.quiet)
+                       not a.no_data_randomization, a.seed, not a.quiet, a.resume)
+    if summary is None:  # not the writing rank of a distributed run
+        return 0
     rows = summary["table"]
     print(f"{'method':<26}{'deletion':>9}{'insertion':>10}{'avg drop':>9}{'incr conf':>10}{'s/image':>9}")
     for name, r in rows.items():
@@ -245,6 +252,11 @@ def add_common(p: argparse.ArgumentParser, model_default: str | None = None, out
     p.add_argument("--profile", help="profile JSON of your model: input size, preprocessing, class names, layers")
     if out:
         p.add_argument("--out", default=out, help="output folder (default: %(default)s)")
+
+
+def add_resume(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the finished shards checkpointed in OUT/.convlens-work by an interrupted run")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -299,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--correct-only", action="store_true", help="only correctly classified samples")
     p.add_argument("--layers", type=str_list, help="module paths (default l1,l2,l3)")
     p.add_argument("--limit", type=positive_int, help="only the first N samples")
+    add_resume(p)
 
     p = sub.add_parser("actmax", help="activation maximization: tv-weight sweep, pairs, channels")
     add_common(p, DEFAULT_RUN, "convlens-out/actmax")
@@ -325,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sanity-images", type=nonnegative_int, help="images for the sanity checks (0: skip)")
     p.add_argument("--no-data-randomization", action="store_true", help="skip the random-label model")
     p.add_argument("--seed", type=seed_int, default=0)
+    add_resume(p)
 
     p = sub.add_parser("report", help="the lab's whole study of any CNN on a labelled folder → HTML report")
     add_common(p, None, "convlens-out/report")
@@ -446,6 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         tune_malloc()
         set_threads(args.threads)
         check_outputs(args)
+        from . import distributed
+        if distributed.launched():
+            with one_line_warnings():
+                return run_distributed(args) if args.command in SHARDED_COMMANDS else run_on_rank_zero(args)
         guard = contextlib.nullcontext() if args.command in RESUMABLE else rollback_on_error()
         with guard, one_line_warnings():
             code = COMMANDS[args.command](args) or 0
@@ -465,6 +483,39 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"convlens: error: {message}", file=sys.stderr)
         return 2
+
+
+SHARDED_COMMANDS = {"stats", "evaluate", "predict"}
+
+
+def run_distributed(args: argparse.Namespace) -> int:
+    """One rank of a torchrun job: any failure becomes the job's one error line (see convlens.distributed)."""
+    from . import distributed
+
+    from .io import rollback_on_error
+
+    try:
+        distributed.setup()
+        with rollback_on_error():  # a failed rank's outputs go (its checkpoints stay, for --resume)
+            code = COMMANDS[args.command](args) or 0
+    except BaseException as exc:  # noqa: BLE001 - every failure of a rank must reach the other ranks
+        return distributed.report(exc)
+    distributed.teardown()
+    return code
+
+
+def run_on_rank_zero(args: argparse.Namespace) -> int:
+    """A command that does not split its work, under torchrun: rank 0 runs it as one process (no process
+    group), the other ranks exit at once."""
+    import os
+
+    if os.environ.get("RANK") != "0":
+        return 0
+    from .io import rollback_on_error
+
+    print(f"convlens: {args.command} does not split across ranks; rank 0 runs it alone", file=sys.stderr)
+    with contextlib.nullcontext() if args.command in RESUMABLE else rollback_on_error():
+        return COMMANDS[args.command](args) or 0
 
 
 if __name__ == "__main__":

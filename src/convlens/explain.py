@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from .attribution import METHODS, make_method, method_info, uses_layer
-from .batching import (MAX_BATCH, BatchPlan, SkipReporter, activation_bytes, available_bytes, iter_image_batches,
-                       plan_batch_size)
+from .batching import (MAX_BATCH, BatchPlan, SkipReporter, SliceReporter, activation_bytes, available_bytes,
+                       iter_image_batches, plan_batch_size)
 from .data.images import expand_image_paths, package_photos_dir
 from .errors import ConvlensError
 from .attribution.base import select_output
@@ -51,11 +51,12 @@ def load_batch(items, loaded: LoadedModel) -> Batch:
     return Batch([paths[i] for i in indices], x, reporter.failures)
 
 
-def predict_files(loaded: LoadedModel, items, top: int, batch_size: int = MAX_BATCH) -> tuple[list[dict], list[str]]:
+def predict_files(loaded: LoadedModel, items, top: int, batch_size: int = MAX_BATCH,
+                  reporter: SkipReporter | None = None) -> tuple[list[dict], list[str]]:
     """Prediction rows of every readable image, read ``batch_size`` at a time; and the failures."""
     paths = expand_image_paths(items)
     names = display_names(paths)
-    reporter = SkipReporter()
+    reporter = reporter or SkipReporter()
     rows = []
     for indices, x in iter_image_batches(paths, image_mode(loaded), loaded.preprocess, batch_size, reporter):
         batch_rows = prediction_rows(loaded, [paths[i] for i in indices], predict(loaded, x), top)
@@ -63,6 +64,25 @@ def predict_files(loaded: LoadedModel, items, top: int, batch_size: int = MAX_BA
             row["image"] = names[i]
         rows += batch_rows
     return rows, reporter.failures
+
+
+def sharded_predictions(loaded: LoadedModel, items, top: int) -> tuple[list[dict], list[str]] | None:
+    """:func:`predict_files` under torchrun: each rank predicts its block of the files and rank 0 gets
+    every row and failure in order (the other ranks get None). One process: the same as predict_files."""
+    from . import distributed
+
+    if not distributed.active():
+        return predict_files(loaded, items, top)
+    paths = expand_image_paths(items)
+    block = distributed.shard(len(paths))
+    rows, failures = predict_files(loaded, paths[block.start:block.stop], top, reporter=SliceReporter()) \
+        if len(block) else ([], [])
+    rows, failures = (distributed.gather_ordered(block.start, part) for part in (rows, failures))
+    if not distributed.is_writer():
+        return None
+    if not rows:
+        raise ConvlensError("none of the given images could be read")
+    return rows, failures
 
 
 def display_names(paths: list[Path]) -> list[str]:

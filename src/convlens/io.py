@@ -196,6 +196,17 @@ def rollback_on_error() -> Iterator[OutputLog]:
         _logs.remove(log)
 
 
+@contextlib.contextmanager
+def unrecorded() -> Iterator[None]:
+    """Files written inside stay when the command fails (checkpoints that a re-run resumes from)."""
+    saved = _logs[:]
+    _logs.clear()
+    try:
+        yield
+    finally:
+        _logs[:] = saved
+
+
 def _record(kind: str, path: Path) -> None:
     for log in _logs:
         getattr(log, kind).append(path)

@@ -17,7 +17,7 @@ The course's own definition was never published; this is a reconstruction (see d
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -94,6 +94,19 @@ class FilterStats:
         merged.counts = self.counts + other.counts
         return merged
 
+    def state(self) -> dict:
+        """The raw sums, counts and maxima as a tree of tensors (shared, not copied): what checkpoints
+        save and what the distributed all-reduce combines (``max`` by MAX, everything else by SUM)."""
+        return {"counts": self.counts,
+                "layers": {n: {f.name: getattr(a, f.name) for f in fields(a)} for n, a in self.layers.items()}}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "FilterStats":
+        stats = cls({}, int(state["counts"].numel()))
+        stats.counts = state["counts"]
+        stats.layers = {n: LayerAccumulator(**acc) for n, acc in state["layers"].items()}
+        return stats
+
     def layer(self, name: str) -> dict[str, np.ndarray]:
         """Final statistics of one layer (see module docstring), as numpy arrays."""
         acc = self.layers[name]
@@ -122,8 +135,9 @@ def layer_shapes(model: nn.Module, layers: Sequence[str], example: torch.Tensor)
     """Output shape (K, H, W) of each layer; a non-spatial layer is a clear error."""
     for name in layers:
         resolve_layer(model, name)
+    device = next((p.device for p in model.parameters()), example.device)
     with capture(model, layers) as kept, torch.no_grad(), evaluating(model):
-        model(example[:1])
+        model(example[:1].to(device))
     shapes = {}
     for name in layers:
         out = kept[name]
@@ -136,20 +150,22 @@ def layer_shapes(model: nn.Module, layers: Sequence[str], example: torch.Tensor)
 
 def collect(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], layers: Sequence[str],
             classes: int, correct_only: bool = False, progress: bool = False, total: int | None = None,
-            class_index: Sequence[int] | None = None) -> FilterStats:
-    """One pass over (images, labels) batches → :class:`FilterStats` of ``layers``.
+            class_index: Sequence[int] | None = None, into: FilterStats | None = None) -> FilterStats:
+    """One pass over (images, labels) batches → :class:`FilterStats` of ``layers`` (added to ``into``
+    when given). Batches go to the model's device.
 
     ``class_index[c]``: the model output of label ``c`` (for ``correct_only`` when the labels are not
     the model's own class indices, e.g. the class folders of a labelled folder)."""
-    stats: FilterStats | None = None
+    stats = into
     for name in layers:
         resolve_layer(model, name)
+    device = next((p.device for p in model.parameters()), None)
     with evaluating(model):
         for x, y in progress_of(batches, desc="statistics", enabled=progress, total=total, unit="batch"):
             if stats is None:
                 stats = FilterStats(layer_shapes(model, layers, x), classes)
             with capture(model, layers) as kept, torch.no_grad():
-                logits = model(x)
+                logits = model(x if device is None else x.to(device))
             y = y.to(logits.device)
             expected = y if class_index is None else torch.as_tensor(class_index, device=y.device)[y]
             keep = logits.argmax(1) == expected if correct_only else None

@@ -99,4 +99,4 @@ def average_drop_increase(model: nn.Module, x: torch.Tensor, normalized_maps: to
         o = F.softmax(model(x * normalized_maps[:, None].to(x)), 1).gather(1, t)[:, 0]
     drop = (F.relu(y - o) / y.clamp_min(1e-12)) * 100
     return {"average_drop": float(drop.mean()), "increase_in_confidence": float((o > y).float().mean() * 100),
-            "per_image_drop": drop.tolist()}
+            "per_image_drop": drop.tolist(), "per_image_increase": (o > y).tolist()}

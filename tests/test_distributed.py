@@ -1,0 +1,320 @@
+"""Distributed runs: shards, resumable folds, collectives, and `torchrun` jobs equal to one process."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from convlens import distributed
+from convlens.io import save_torch
+from convlens.stats import FilterStats
+
+from conftest import ROOT
+
+SUM_KEYS = ("mean_map", "score", "std", "contrast")   # from float sums: ≤ 1e-6 relative
+EXACT_KEYS = ("count", "max", "rank", "win_rate")       # counts and maxima: exact
+
+
+# ---------------------------------------------------------------- in-process
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
+def test_shards_cover_every_item_once_in_order(world):
+    for count in range(0, 40):
+        blocks = [distributed.shard(count, r, world) for r in range(world)]
+        assert [i for b in blocks for i in b] == list(range(count))
+        sizes = [len(b) for b in blocks]
+        assert max(sizes) - min(sizes) <= 1
+
+
+def test_shard_rejects_bad_requests():
+    with pytest.raises(ValueError):
+        distributed.shard(5, 2, 2)
+
+
+def test_filter_stats_state_round_trips_through_a_checkpoint(tmp_path, mnist_test):
+    from convlens.models import LabNet
+    from convlens.stats import collect
+
+    torch.manual_seed(0)
+    x, y = mnist_test
+    stats = collect(LabNet().eval(), [(x[:64], y[:64])], ["l1", "l3"], 10)
+    save_torch(tmp_path / "s.pt", stats.state())
+    back = FilterStats.from_state(torch.load(tmp_path / "s.pt", weights_only=True))
+    for layer in ("l1", "l3"):
+        a, b = stats.layer(layer), back.layer(layer)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert back.counts.tolist() == torch.bincount(y[:64], minlength=10).tolist()
+
+
+def test_fold_resumes_without_recomputing_finished_steps(tmp_path, monkeypatch):
+    """A fault at step 2 keeps the checkpoint of steps 0-1; --resume computes only the rest."""
+    monkeypatch.setenv(distributed.CHECKPOINT_ENV, "0")
+    calls = []
+
+    def compute(lo, hi):
+        calls.append(lo)
+        return torch.arange(lo, hi, dtype=torch.long).sum()
+
+    def job(resume):
+        return distributed.Job("sum", 11, 3, tmp_path, "k", resume=resume)
+
+    monkeypatch.setenv(distributed.FAULT_ENV, "raise@0:2")
+    with pytest.raises(RuntimeError, match="injected fault"):
+        distributed.fold(job(False), compute, lambda s, p: s + p, torch.tensor(0))
+    assert calls == [0, 3]
+    monkeypatch.delenv(distributed.FAULT_ENV)
+    calls.clear()
+    resumed = job(True)
+    total = distributed.fold(resumed, compute, lambda s, p: s + p, torch.tensor(0))
+    assert calls == [6, 9]
+    assert int(total) == sum(range(11)) and resumed.resumed == 6
+    resumed.cleanup()
+    assert not (tmp_path / distributed.WORK_DIR).exists()
+
+
+def test_fingerprint_depends_on_options_and_weights():
+    from convlens.models import LabNet
+
+    torch.manual_seed(0)
+    a, b = LabNet(), LabNet()
+    key = distributed.fingerprint(a, layers=["l1"])
+    assert key == distributed.fingerprint(a, layers=["l1"])
+    assert key != distributed.fingerprint(a, layers=["l2"])
+    assert key != distributed.fingerprint(b, layers=["l1"])
+
+
+# ---------------------------------------------------------------- torchrun jobs
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job_env(**extra) -> dict:
+    path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+            distributed.CHECKPOINT_ENV: "0", **extra}
+
+
+def torchrun(*args, procs=2, module=True, env=None, timeout=300):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
+                "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    target = ["-m", "convlens"] if module else []
+    return subprocess.run(launcher + target + [str(a) for a in args], capture_output=True, text=True,
+                          timeout=timeout, env=job_env(**(env or {})))
+
+
+def single(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "convlens", *map(str, args), "--threads", "1"],
+                          capture_output=True, text=True, timeout=timeout, env=job_env())
+
+
+def visible(folder):
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) if folder.exists() else []
+
+
+def assert_stats_equal(a_dir, b_dir):
+    a, b = np.load(a_dir / "stats.npz"), np.load(b_dir / "stats.npz")
+    assert sorted(a.files) == sorted(b.files)
+    for key in a.files:
+        stat = key.split("/")[1]
+        if stat in EXACT_KEYS:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        else:
+            assert stat in SUM_KEYS
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-6, atol=1e-12 * np.abs(a[key]).max(), err_msg=key)
+    ja, jb = json.loads((a_dir / "stats.json").read_text()), json.loads((b_dir / "stats.json").read_text())
+    assert ja["counts"] == jb["counts"]
+    for layer in ja["layers"]:
+        for c in ja["layers"][layer]["per_class"]:
+            assert ja["layers"][layer]["per_class"][c]["ranked_filters"] == jb["layers"][layer]["per_class"][c][
+                "ranked_filters"]
+
+
+STATS_N = 1999  # 4 batches of ≤ 500: rank 0 gets 1000 images, rank 1 999 (uneven)
+
+
+@pytest.fixture(scope="module")
+def stats_single(trained_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stats1")
+    proc = single("stats", "--model", trained_run, "--out", out, "--limit", STATS_N, "--layers", "l1", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.mark.slow
+def test_collectives_under_torchrun(tmp_path):
+    """all_reduce_tree: exact SUM of counts, MAX of maxima (−inf kept); gather_ordered: dataset order."""
+    script = tmp_path / "collect.py"
+    script.write_text(textwrap.dedent("""
+        import json, sys, torch
+        from convlens import distributed as d
+        d.setup()
+        r, w = d.rank(), d.world_size()
+        block = d.shard(7)
+        tree = {"counts": torch.tensor([r + 1, 10 * r], dtype=torch.long),
+                "inner": {"max": torch.tensor([float(r), -float("inf"), -r], dtype=torch.float64),
+                          "sum": torch.tensor([0.1 * (r + 1)], dtype=torch.float64)}}
+        d.all_reduce_tree(tree)
+        items = d.gather_ordered(block.start, [f"item{i}" for i in block])
+        if d.is_writer():
+            json.dump({"world": w, "counts": tree["counts"].tolist(), "max": tree["inner"]["max"].tolist(),
+                       "sum": tree["inner"]["sum"].tolist(), "items": items}, open(sys.argv[1], "w"))
+        d.teardown()
+    """))
+    result = tmp_path / "result.json"
+    proc = torchrun(script, result, procs=3, module=False)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(result.read_text().replace("-Infinity", '"-inf"'))
+    assert got["world"] == 3
+    assert got["counts"] == [6, 30]
+    assert got["max"] == [2.0, "-inf", 0.0]
+    assert got["sum"][0] == pytest.approx(0.6, rel=1e-15)
+    assert got["items"] == [f"item{i}" for i in range(7)]
+
+
+@pytest.mark.slow
+def test_stats_two_processes_equal_one(trained_run, stats_single, tmp_path):
+    out = tmp_path / "stats2"
+    proc = torchrun("stats", "--model", trained_run, "--out", out, "--limit", STATS_N, "--layers", "l1", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("stats.json") == 1  # rank 0 alone reports
+    assert_stats_equal(stats_single, out)
+    assert json.loads((out / "stats.json").read_text())["counts"] == torch.bincount(
+        torch.from_numpy(__import__("convlens.data", fromlist=["x"]).load_mnist("test").labels[:STATS_N].copy()),
+        minlength=10).tolist()
+    assert visible(out) == visible(stats_single)
+    assert not (out / distributed.WORK_DIR).exists()
+
+
+def assert_one_error_line(proc, *fragments):
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("convlens: error:")]
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "/convlens/" not in proc.stderr  # no traceback from the ranks (the launcher's own report aside)
+
+
+@pytest.mark.slow
+def test_failing_rank_stops_the_job_cleanly_and_resume_finishes_it(trained_run, stats_single, tmp_path):
+    out = tmp_path / "fail"
+    args = ("stats", "--model", trained_run, "--out", out, "--limit", STATS_N, "--layers", "l1", "--quiet")
+    proc = torchrun(*args, env={distributed.FAULT_ENV: "raise@1:1"})
+    assert_one_error_line(proc, "rank 1 failed", "injected fault at step 1")
+    assert visible(out) == []
+    assert not list(out.rglob("*.tmp"))
+    resumed = torchrun(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    line = next(x for x in resumed.stderr.splitlines() if x.startswith("convlens: resumed"))
+    assert int(line.split()[2].replace(",", "")) >= 500  # at least rank 1's finished batch was reused
+    assert_stats_equal(stats_single, out)
+
+
+@pytest.mark.slow
+def test_killed_rank_stops_the_job_cleanly(trained_run, tmp_path):
+    out = tmp_path / "killed"
+    proc = torchrun("stats", "--model", trained_run, "--out", out, "--limit", STATS_N, "--layers", "l1", "--quiet",
+                    env={distributed.FAULT_ENV: "kill@1:1"})
+    assert_one_error_line(proc, "rank 0 stopped", "lost contact with rank 1")
+    assert visible(out) == []
+    assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_evaluate_two_processes_equal_one(trained_run, tmp_path):
+    args = ("evaluate", "--model", trained_run, "--mnist-test", 64, "--methods", "gradcam,saliency",
+            "--sanity-images", 0, "--no-data-randomization", "--quiet")
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = single(*args, "--out", one)
+    assert proc.returncode == 0, proc.stderr
+    proc = torchrun(*args, "--out", two)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("evaluation.json") == 1
+    a, b = json.loads((one / "evaluation.json").read_text()), json.loads((two / "evaluation.json").read_text())
+    assert b["images"] == [f"test{i}" for i in range(64)]
+    assert a["images"] == b["images"] and a["targets"] == b["targets"]
+    for method in ("gradcam", "saliency"):
+        for metric in ("deletion_auc", "insertion_auc", "average_drop", "increase_in_confidence"):
+            assert b["table"][method][metric] == pytest.approx(a["table"][method][metric], rel=1e-6, abs=1e-12)
+        for curve in ("deletion_mean", "insertion_mean"):
+            np.testing.assert_allclose(b["curves"][method][curve], a["curves"][method][curve], rtol=1e-6)
+    assert visible(one) == visible(two)
+
+
+@pytest.mark.slow
+def test_stuck_rank_times_out_as_one_line(trained_run, tmp_path):
+    out = tmp_path / "stuck"
+    proc = torchrun("stats", "--model", trained_run, "--out", out, "--limit", STATS_N, "--layers", "l1", "--quiet",
+                    env={distributed.FAULT_ENV: "hang@1:0", distributed.TIMEOUT_ENV: "5"})
+    assert_one_error_line(proc, "rank 0 stopped", "lost contact with rank 1", "5 s timeout")
+    assert visible(out) == []
+
+
+@pytest.mark.slow
+def test_stats_of_a_labelled_folder_two_processes_equal_one(trained_run, mnist_test, tmp_path):
+    """300 images in 3 class folders (2 steps of 256: uneven) and one unreadable file, named by both runs."""
+    from PIL import Image
+
+    x, y = mnist_test
+    folder = tmp_path / "digits"
+    for digit in (0, 1, 7):
+        (folder / str(digit)).mkdir(parents=True)
+        for i in (y == digit).nonzero()[:100, 0].tolist():
+            Image.fromarray((x[i, 0].numpy() * 255).astype(np.uint8), "L").save(folder / str(digit) / f"{i:05d}.png")
+    (folder / "7" / "broken.png").write_bytes(b"not a png")
+    args = ("stats", "--model", trained_run, "--data", folder, "--layers", "l1", "--quiet")
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = single(*args, "--out", one)
+    assert proc.returncode == 0, proc.stderr
+    proc = torchrun(*args, "--out", two)
+    assert proc.returncode == 0, proc.stderr
+    assert sum("broken.png" in line for line in proc.stderr.splitlines()) == 1  # named once, by its rank
+    assert_stats_equal(one, two)
+    ja, jb = (json.loads((d / "stats.json").read_text()) for d in (one, two))
+    assert ja["skipped"] == jb["skipped"] and len(jb["skipped"]) == 1 and "broken.png" in jb["skipped"][0]
+    assert sum(jb["counts"]) == 300
+
+
+@pytest.mark.slow
+def test_unsharded_command_runs_once_on_rank_zero(trained_run):
+    proc = torchrun("summary", "--model", trained_run)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("rank 0 runs it alone") == 1
+    assert proc.stdout.count("7,465") == 1  # the lab network's parameter count, printed once
+
+
+@pytest.mark.slow
+def test_error_on_every_rank_is_printed_once(trained_run, tmp_path):
+    proc = torchrun("stats", "--model", trained_run, "--out", tmp_path / "bad", "--layers", "nosuchlayer", "--quiet")
+    assert_one_error_line(proc, "failed", "nosuchlayer")
+    assert visible(tmp_path / "bad") == []
+
+
+@pytest.mark.slow
+def test_predict_two_processes_equal_one(trained_run, mnist_test, tmp_path):
+    """7 readable images (blocks of 4 and 4 files, one unreadable): the same rows, in file order."""
+    from PIL import Image
+
+    x, _ = mnist_test
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(7):
+        Image.fromarray((x[i, 0].numpy() * 255).astype(np.uint8), "L").save(folder / f"img{i}.png")
+    (folder / "img3b.png").write_bytes(b"broken")
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    proc = single("predict", folder, "--model", trained_run, "--json", one)
+    assert proc.returncode == 1, proc.stderr  # a skipped file
+    proc = torchrun("predict", folder, "--model", trained_run, "--json", two)
+    assert proc.returncode != 0
+    assert sum("img3b.png" in line for line in proc.stderr.splitlines()) == 1
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert [r["image"] for r in b] == [f"img{i}.png" for i in range(7)]
+    assert [(r["image"], r["predicted"]) for r in a] == [(r["image"], r["predicted"]) for r in b]
+    for ra, rb in zip(a, b):
+        assert rb["probability"] == pytest.approx(ra["probability"], rel=1e-5)
