@@ -111,7 +111,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     from .training import make_recipe, train
 
     recipe = make_recipe(a.recipe, a.epochs, a.batch_size, a.lr)
-    metrics = train(a.out, recipe, seed=a.seed, resume=a.resume, progress=not a.quiet, subset=a.subset)
+    metrics = train(a.out, recipe, seed=a.seed, resume=a.resume, progress=not a.quiet, subset=a.subset,
+                    device=a.device)
     print(f"test accuracy {metrics['test_accuracy']:.4f}, test loss {metrics['test_loss']:.4f}")
     print(display(Path(a.out) / "model.pt"))
     return 0
@@ -275,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train (default cpu)")
     p.add_argument("--subset", type=positive_int, help=argparse.SUPPRESS)
 
     p = sub.add_parser("summary", help="the architecture table (lab network) or any model's profile and layers")

@@ -95,7 +95,7 @@ def random_affine(x: torch.Tensor, gen: torch.Generator, rotate_deg: float, scal
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0] * 2 / w], 1),
                          torch.stack([sin, cos, shift[:, 1] * 2 / h], 1)], 1)
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(device=x.device, dtype=x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
@@ -131,7 +131,8 @@ class WeightAverage:
         self.decay = decay
         self.steps = 0 if state is None else int(state["steps"])
         source = model.state_dict() if state is None else state["average"]
-        self.average = {k: v.detach().clone() for k, v in source.items()}
+        device = next(model.parameters()).device
+        self.average = {k: v.detach().to(device).clone() for k, v in source.items()}
 
     def update(self, model: torch.nn.Module) -> None:
         self.steps += 1
@@ -152,10 +153,10 @@ def train_one_epoch(model, opt, x, y, recipe: Recipe, epoch: int, seed: int, pro
                     average: WeightAverage | None = None) -> dict:
     model.train()
     gen = epoch_generator(seed, epoch)
-    perm = torch.randperm(len(x), generator=gen)
+    perm = torch.randperm(len(x), generator=gen).to(x.device)
     steps_per_epoch = math.ceil(len(x) / recipe.batch_size)
     total_steps = steps_per_epoch * recipe.epochs
-    loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.long)
+    loss_sum, correct = torch.zeros((), device=x.device), torch.zeros((), dtype=torch.long, device=x.device)
     bar = progress_of(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{recipe.epochs}", enabled=progress,
                       unit="batch")
     for step in bar:
@@ -187,7 +188,7 @@ def run_metadata(recipe: Recipe, seed: int) -> dict:
 
 
 def checkpoint_dict(model, meta: dict, **extra) -> dict:
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return {"format": CHECKPOINT_FORMAT, "arch": "labnet", "state_dict": state, "digest": digest_record(state),
             "meta": meta, **extra}
 
@@ -208,13 +209,19 @@ def prepare_data(seed: int, subset: int | None = None, data_dir: str | None = No
 
 
 def train(out: str | Path, recipe: Recipe, seed: int = 0, resume: bool = False, progress: bool = True,
-          subset: int | None = None, data_dir: str | None = None, random_labels: bool = False) -> dict:
-    """Train the lab network into ``out``; returns the test metrics. See module docstring."""
+          subset: int | None = None, data_dir: str | None = None, random_labels: bool = False,
+          device: str | torch.device = "cpu") -> dict:
+    """Train the lab network into ``out`` on ``device``; returns the test metrics. See module docstring.
+    Random draws stay on the CPU, so a seed means the same augmentations on every device."""
     out = ensure_dir(out)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConvlensError("--device cuda: no CUDA device is available")
     torch.manual_seed(seed)
-    (xtr, ytr), (xva, yva), (xte, yte) = prepare_data(seed, subset, data_dir, random_labels)
+    (xtr, ytr), (xva, yva), (xte, yte) = (tuple(t.to(device) for t in part)
+                                          for part in prepare_data(seed, subset, data_dir, random_labels))
     mean, std = (float(xtr.mean()), float(xtr.std())) if recipe.standardize else (0.0, 1.0)
-    model = LabNet(mean, std).to(memory_format=torch.channels_last)
+    model = LabNet(mean, std).to(device=device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr)
     meta = {**run_metadata(recipe, seed), "random_labels": random_labels}
     history, start, best, average_state = [], 0, None, None
@@ -227,7 +234,7 @@ def train(out: str | Path, recipe: Recipe, seed: int = 0, resume: bool = False, 
         opt.load_state_dict(ckpt["optimizer"])
         history, start, best, average_state = ckpt["history"], ckpt["epoch"], ckpt["best"], ckpt.get("average")
     average = WeightAverage(model, recipe.ema_decay, average_state) if recipe.ema_decay > 0 else None
-    scored = LabNet(mean, std).to(memory_format=torch.channels_last) if average else model
+    scored = LabNet(mean, std).to(device=device, memory_format=torch.channels_last) if average else model
     epochs = progress_of(range(start, recipe.epochs), desc="training", enabled=progress, unit="epoch",
                          initial=start, total=recipe.epochs, per_item=True)
     for epoch in epochs:
@@ -257,10 +264,10 @@ def finish(out: Path, model, meta: dict, history: list, best_epoch: int, test) -
     xte, yte = test
     res = evaluate(model, xte, yte)
     metrics = {"test_loss": res["loss"], "test_accuracy": res["accuracy"], "selected_epoch": best_epoch,
-               "test_size": len(yte), **classification_metrics(yte, res["pred"])}
+               "test_size": len(yte), **classification_metrics(yte.cpu(), res["pred"].cpu())}
     meta = {**meta, "history": history, "selected_epoch": best_epoch, "test_accuracy": res["accuracy"],
             "test_loss": res["loss"]}
-    save_torch(out / "model.pt", checkpoint_dict(model.to(memory_format=torch.contiguous_format), meta))
+    save_torch(out / "model.pt", checkpoint_dict(model.to(device="cpu", memory_format=torch.contiguous_format), meta))
     write_json(out / "history.json", history)
     write_json(out / "metrics.json", metrics)
     plot_learning_curves(history, out / "learning_curves.png")
