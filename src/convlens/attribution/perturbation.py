@@ -275,10 +275,11 @@ class ShapleySampling(FeatureMethod):
 
 
 def solve_weighted(design: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, ridge: float = 0.0) -> torch.Tensor:
-    """argmin_β Σ w (y − Xβ)² + ridge‖β‖², in float64."""
-    x, y, w = design.double(), y.double(), weights.double()
-    gram = x.T @ (w[:, None] * x) + ridge * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-    return torch.linalg.lstsq(gram, x.T @ (w * y)).solution
+    """argmin_β Σ w (y − Xβ)² + ridge‖β‖², in float64 on the CPU with the minimum-norm solver (gelsd), so a
+    rank-deficient design (fewer informative samples than features) gives the same answer on every device."""
+    x, y, w = design.detach().cpu().double(), y.detach().cpu().double(), weights.detach().cpu().double()
+    gram = x.T @ (w[:, None] * x) + ridge * torch.eye(x.shape[1], dtype=x.dtype)
+    return torch.linalg.lstsq(gram, x.T @ (w * y), driver="gelsd").solution.to(design.device)
 
 
 class KernelSHAP(FeatureMethod):

@@ -27,10 +27,14 @@ def grid_labels(n: int, height: int, width: int, cells: int, device=None) -> tor
 
 
 def slic_labels(x: torch.Tensor, segments: int = 25, compactness: float = 10.0, iterations: int = 8) -> torch.Tensor:
-    """(N, C, H, W) images → (N, H, W) superpixel labels (about ``segments`` per image)."""
+    """(N, C, H, W) images → (N, H, W) superpixel labels (about ``segments`` per image).
+
+    Computed on the CPU in float64 and moved to the images' device, so the same image gets the same
+    superpixels on every device (float32 ties on a GPU moved pixels between segments)."""
     if segments <= 0 or iterations <= 0:
         raise ConvlensError("superpixels need segments > 0 and iterations > 0")
-    return torch.stack([_slic_one(img, segments, compactness, iterations) for img in x.detach()])
+    cpu = x.detach().to("cpu", torch.float64)
+    return torch.stack([_slic_one(img, segments, compactness, iterations) for img in cpu]).to(x.device)
 
 
 def _slic_one(img: torch.Tensor, segments: int, compactness: float, iterations: int) -> torch.Tensor:
