@@ -8,7 +8,10 @@ Call shape of every method::
 **Targets.** ``target`` may be ``None`` (the predicted class), an ``int`` (one class for the whole
 batch), a sequence or integer tensor of N classes, a callable ``scores (N, K) → (N,)`` (any
 differentiable score, e.g. ``lambda s: s[:, 3] - s[:, 5]``), or a :class:`Target`. Floats, strings
-and booleans are refused with a :class:`ConvlensError`. Every method resolves it exactly once into a
+and booleans are refused with a :class:`ConvlensError`. A segmentation model's output (N, C, H, W)
+takes a score function only, typically :func:`region_target` (Σ over a region of one class's logits);
+a class target on it is refused. A score function with per-sample state (a :class:`RegionTarget`)
+has ``repeat(k)`` / ``select(index)``, which :class:`Target` calls so that wrappers keep it aligned. Every method resolves it exactly once into a
 :class:`Target` with ``Target.resolve(target, scores)``; a wrapper (SmoothGrad, integrated gradients,
 guided Grad-CAM) resolves on the clean input and hands the :class:`Target` on (``target.repeat(k)``
 for k stacked copies of the batch, ``target.select(index)`` for a subset), so ``None`` means the
@@ -76,6 +79,10 @@ class Target:
             return target
         if callable(target) and not isinstance(target, torch.Tensor):
             return Target(None, target, n)
+        if scores.dim() != 2:
+            raise ConvlensError(f"the model output has shape {tuple(scores.shape)}: a class target needs "
+                                "(N, classes) scores; for a (N, C, H, W) segmentation output give "
+                                "region_target(cls, mask)")
         if target is None:
             t = scores.detach().argmax(1)
         else:
@@ -100,12 +107,16 @@ class Target:
 
     def repeat(self, k: int) -> "Target":
         """The same target for ``k`` copies of the batch stacked along the batch axis."""
-        return Target(None if self.classes is None else self.classes.repeat(k), self.fn, self.size * k)
+        if self.classes is None:
+            fn = self.fn.repeat(k) if hasattr(self.fn, "repeat") else self.fn
+            return Target(None, fn, self.size * k)
+        return Target(self.classes.repeat(k), None, self.size * k)
 
     def select(self, index: torch.Tensor) -> "Target":
         """The target of the inputs at ``index`` (a 1-D index tensor)."""
         if self.classes is None:
-            return Target(None, self.fn, len(index))
+            fn = self.fn.select(index) if hasattr(self.fn, "select") else self.fn
+            return Target(None, fn, len(index))
         return Target(self.classes[index.to(self.classes.device)], None, len(index))
 
     def labels(self) -> torch.Tensor:
@@ -113,6 +124,58 @@ class Target:
         if self.classes is None:
             return torch.full((self.size,), -1, dtype=torch.long)
         return self.classes.detach().cpu()
+
+
+@dataclass(frozen=True)
+class RegionTarget:
+    """Seg-Grad-CAM score of a (N, C, H, W) output: y_n = Σ_{h,w} M_n[h, w] · out[n, c_n, h, w].
+
+    ``classes``: (1,) for one class or (N,) per sample; ``mask``: (1, H, W) or (N, H, W) float weights over
+    the output grid. Build with :func:`region_target`.
+    """
+
+    classes: torch.Tensor
+    mask: torch.Tensor
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        if scores.dim() != 4:
+            raise ConvlensError(f"region_target needs a (N, C, H, W) model output, got shape {tuple(scores.shape)}")
+        n, k, h, w = scores.shape
+        if tuple(self.mask.shape[-2:]) != (h, w) or self.mask.shape[0] not in (1, n):
+            raise ConvlensError(f"region mask of shape {tuple(self.mask.shape)} does not fit the model output "
+                                f"{tuple(scores.shape)}: give (H, W) = {(h, w)} or (N, H, W) = {(n, h, w)}")
+        if self.classes.numel() not in (1, n):
+            raise ConvlensError(f"{self.classes.numel()} region target classes for {n} inputs")
+        if bool(((self.classes < 0) | (self.classes >= k)).any()):
+            raise ConvlensError(f"target class out of range 0..{k - 1}: {self.classes.tolist()}")
+        index = self.classes.to(scores.device).expand(n)[:, None, None, None].expand(n, 1, h, w)
+        logits = scores.gather(1, index)[:, 0]
+        return (self.mask.to(scores) * logits).sum((1, 2))
+
+    def repeat(self, k: int) -> "RegionTarget":
+        """The same regions for ``k`` stacked copies of the batch."""
+        return RegionTarget(self.classes.repeat(k) if self.classes.numel() > 1 else self.classes,
+                            self.mask.repeat(k, 1, 1) if self.mask.shape[0] > 1 else self.mask)
+
+    def select(self, index: torch.Tensor) -> "RegionTarget":
+        """The regions of the inputs at ``index``."""
+        classes = self.classes[index.to(self.classes.device)] if self.classes.numel() > 1 else self.classes
+        mask = self.mask[index.to(self.mask.device)] if self.mask.shape[0] > 1 else self.mask
+        return RegionTarget(classes, mask)
+
+
+def region_target(cls: int | Sequence[int] | torch.Tensor, mask: torch.Tensor) -> RegionTarget:
+    """A score-function target for segmentation outputs (N, C, H, W), the Seg-Grad-CAM convention
+    (Vinogradova et al. 2020): y_n = Σ_{h,w} mask[h, w] · out[n, cls_n, h, w], the class logits summed
+    over the region. ``cls``: one class or one per sample; ``mask``: bool or float, (H, W) or (N, H, W)
+    over the output grid (checked against the output when scored)."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() not in (2, 3):
+        raise ConvlensError(f"a region mask must be a (H, W) or (N, H, W) tensor, got shape "
+                            f"{tuple(getattr(mask, 'shape', ()))}")
+    if mask.is_complex() or not (mask.dtype == torch.bool or mask.is_floating_point()):
+        raise ConvlensError(f"a region mask must be bool or float, got {mask.dtype}")
+    weights = mask.float() if mask.dtype == torch.bool else mask
+    return RegionTarget(class_indices(cls), weights.detach().reshape(-1, *mask.shape[-2:]))
 
 
 def class_indices(target) -> torch.Tensor:
@@ -180,7 +243,8 @@ def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
 
 
 def select_output(output: Any, selector: OutputSelector) -> torch.Tensor:
-    """The (N, classes) score tensor out of a model output (tensor, tuple, dict…)."""
+    """The score tensor out of a model output (tensor, tuple, dict…): (N, classes), or (N, C, H, W)
+    for a segmentation model (explained with a score function such as :func:`region_target`)."""
     if selector is None:
         if isinstance(output, torch.Tensor):
             return output

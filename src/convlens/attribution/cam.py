@@ -3,11 +3,19 @@
 Each method overrides only how it weighs the channels. Gradients are taken with respect to
 the captured layer output, and backpropagation stops there (``capture(cut=True)``), so a
 Grad-CAM costs one forward and a partial backward, with parameters frozen.
+
+**Token layers** (transformer-style, output (N, T, C)): every CAM method takes ``reshape="tokens"``
+(with ``drop_tokens=1`` for a class token first, and ``grid=(h, w)``, else a square h = w = √(T − drop))
+or ``reshape=fn`` (any rearrangement (layer output) → (N, C, h, w)). The activations and their
+gradients are rearranged alike when the :class:`LayerPass` is built: token ``drop + i·w + j`` → cell
+(i, j), channel c → channel c. Ablation-CAM rewrites the layer output itself and refuses a reshape.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
+from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +26,34 @@ from ..hooks import auto_layer, capture, frozen, relu_rule, resolve_layer
 from ..runtime import channels_last_weights
 from .base import Attribution, Method, Target, input_size_errors, minmax_scale, upsample
 
+Reshape = Union[None, str, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def tokens_to_grid(tokens: torch.Tensor, drop_tokens: int = 0, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """(N, T, C) → (N, C, h, w): the first ``drop_tokens`` dropped, token ``drop + i·w + j`` at cell (i, j);
+    h·w = T − drop, square unless ``grid`` is given."""
+    if tokens.dim() != 3:
+        raise ConvlensError(f"reshape='tokens' needs a (N, tokens, C) layer output, got shape {tuple(tokens.shape)}")
+    kept = tokens.shape[1] - drop_tokens
+    if grid is None:
+        side = math.isqrt(max(kept, 0))
+        if kept <= 0 or side * side != kept:
+            raise ConvlensError(f"{kept} tokens (of {tokens.shape[1]}, {drop_tokens} dropped) do not form a square "
+                                "grid: give grid=(h, w) or drop_tokens")
+        grid = (side, side)
+    h, w = int(grid[0]), int(grid[1])
+    if h <= 0 or w <= 0 or h * w != kept:
+        raise ConvlensError(f"grid {h}×{w} does not hold the {kept} tokens (of {tokens.shape[1]}, "
+                            f"{drop_tokens} dropped)")
+    return tokens[:, drop_tokens:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], h, w)
+
 
 @dataclass
 class LayerPass:
     """One forward (and partial backward) with the layer captured: what ``weights(p)`` reads.
 
-    ``acts`` A (N, K, h, w); ``grads`` ∂y/∂A (None for gradient-free methods); ``explained`` y (N,);
+    ``acts`` A (N, K, h, w) (a token layer already rearranged, see the module doc); ``grads`` ∂y/∂A
+    (None for gradient-free methods), rearranged alike; ``explained`` y (N,);
     ``target`` the resolved target; ``x`` the input; ``layer`` its path; ``scores`` the model scores.
     """
 
@@ -37,12 +67,38 @@ class LayerPass:
 
 
 class CamMethod(Method):
-    """Template: one forward with the layer captured, gradients to the layer if needed, weights."""
+    """Template: one forward with the layer captured, gradients to the layer if needed, weights.
+
+    ``reshape``, ``drop_tokens``, ``grid``: how a token layer (N, T, C) becomes (N, C, h, w) (module doc).
+    """
 
     needs_layer = True
     needs_grad = True
     kerasvis_layer = False
     relu_rule: str | None = None
+
+    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", *,
+                 reshape: Reshape = None, drop_tokens: int = 0, grid: tuple[int, int] | None = None):
+        super().__init__(model, layer, output_selector, interpolation)
+        if not (reshape is None or reshape == "tokens" or callable(reshape)):
+            raise ConvlensError(f"reshape must be None, 'tokens' or a function, not {reshape!r}")
+        if reshape != "tokens" and (drop_tokens or grid is not None):
+            raise ConvlensError("drop_tokens and grid apply only with reshape='tokens'")
+        if isinstance(drop_tokens, bool) or not isinstance(drop_tokens, int) or drop_tokens < 0:
+            raise ConvlensError(f"drop_tokens must be a non-negative integer, not {drop_tokens!r}")
+        self.reshape, self.drop_tokens, self.grid = reshape, drop_tokens, grid
+
+    def spatial(self, out: torch.Tensor, layer: str) -> torch.Tensor:
+        """The layer output (or its gradient) as (N, C, h, w), rearranged by ``reshape``."""
+        if self.reshape == "tokens":
+            out = tokens_to_grid(out, self.drop_tokens, self.grid)
+        elif self.reshape is not None:
+            out = self.reshape(out)
+        if not isinstance(out, torch.Tensor) or out.dim() != 4:
+            hint = " (a token layer (N, T, C): give reshape='tokens')" if self.reshape is None else ""
+            raise ConvlensError(f"layer {layer!r} gives shape {tuple(getattr(out, 'shape', ()))}: "
+                                f"CAM methods need a spatial (N, C, H, W) layer{hint}")
+        return out
 
     def layer_name(self, x: torch.Tensor) -> str:
         """The given layer, or the automatic choice (found once per input shape, then reused)."""
@@ -64,11 +120,9 @@ class CamMethod(Method):
                 scores = self.scores(x.contiguous(memory_format=torch.channels_last))
                 resolved = self.resolve_target(target, scores)
                 explained = resolved.explained(scores)
-                acts = kept[layer]
-                if acts.dim() != 4:
-                    raise ConvlensError(f"layer {layer!r} has output shape {tuple(acts.shape)}: "
-                                        "CAM methods need a spatial (N, C, H, W) layer")
-                grads = torch.autograd.grad(explained.sum(), acts)[0] if self.needs_grad else None
+                acts = self.spatial(kept[layer], layer)
+                grads = self.spatial(torch.autograd.grad(explained.sum(), kept[layer])[0], layer) \
+                    if self.needs_grad else None
         return LayerPass(acts.detach(), grads, explained.detach(), resolved, x, layer, scores.detach())
 
     def weights(self, p: LayerPass) -> torch.Tensor:  # pragma: no cover
@@ -150,8 +204,8 @@ class KerasVisGradCAM(CamMethod):
     kerasvis_layer = True
     relu_rule = "guided"
 
-    def __init__(self, model, layer=None, output_selector=None, interpolation="pil-bicubic"):
-        super().__init__(model, layer, output_selector, interpolation)
+    def __init__(self, model, layer=None, output_selector=None, interpolation="pil-bicubic", **layer_options):
+        super().__init__(model, layer, output_selector, interpolation, **layer_options)
 
     def weights(self, p):
         grads = p.grads * (p.explained > 0).to(p.grads)[:, None, None, None]  # the guided ReLU on the output
@@ -171,8 +225,9 @@ class CAM(CamMethod):
     signed = True  # Σ_k w_k A_k without a ReLU
     needs_class_target = True
 
-    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", fc: nn.Linear | None = None):
-        super().__init__(model, layer, output_selector, interpolation)
+    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", fc: nn.Linear | None = None,
+                 **layer_options):
+        super().__init__(model, layer, output_selector, interpolation, **layer_options)
         self.fc = fc
 
     def find_head(self, acts: torch.Tensor, scores: torch.Tensor) -> nn.Linear:
@@ -205,8 +260,9 @@ class ScoreCAM(CamMethod):
     needs_grad = False
     needs_class_target = True
 
-    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", batch_size: int = 8):
-        super().__init__(model, layer, output_selector, interpolation)
+    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", batch_size: int = 8,
+                 **layer_options):
+        super().__init__(model, layer, output_selector, interpolation, **layer_options)
         if batch_size <= 0:
             raise ConvlensError("Score-CAM batch size must be positive")
         self.batch_size = batch_size

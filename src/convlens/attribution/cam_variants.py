@@ -122,8 +122,10 @@ class AblationCAM(CamMethod):
     fast_options = {"max_channels": 32}
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", batch_size: int = 64,
-                 max_channels: int | None = None):
-        super().__init__(model, layer, output_selector, interpolation)
+                 max_channels: int | None = None, **layer_options):
+        super().__init__(model, layer, output_selector, interpolation, **layer_options)
+        if self.reshape is not None:
+            raise ConvlensError("Ablation-CAM zeroes channels of the layer output itself: it takes no reshape")
         if batch_size <= 0:
             raise ConvlensError("Ablation-CAM batch size must be positive")
         check_max_channels(max_channels)
@@ -168,8 +170,8 @@ class SmoothGradCAMPlusPlus(GradCAMPlusPlus):
     name = "smoothgradcam++"
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", samples: int = 8,
-                 sigma: float = 0.15, seed: int = 0, batch_size: int | None = None):
-        super().__init__(model, layer, output_selector, interpolation)
+                 sigma: float = 0.15, seed: int = 0, batch_size: int | None = None, **layer_options):
+        super().__init__(model, layer, output_selector, interpolation, **layer_options)
         if samples <= 0 or sigma < 0 or (batch_size is not None and batch_size <= 0):
             raise ConvlensError("SmoothGrad-CAM++ needs samples > 0, sigma ≥ 0 and a positive batch size")
         self.samples, self.sigma, self.seed, self.batch_size = samples, sigma, seed, batch_size
@@ -253,8 +255,8 @@ class SSCAM(_MaskScoreCAM):
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear",
                  batch_size: int | None = None, samples: int = 4, sigma: float = 0.2, seed: int = 0,
-                 max_channels: int | None = None):
-        super().__init__(model, layer, output_selector, interpolation, batch_size or 8)
+                 max_channels: int | None = None, **layer_options):
+        super().__init__(model, layer, output_selector, interpolation, batch_size or 8, **layer_options)
         self.masked_batch = batch_size
         check_max_channels(max_channels)
         self.max_channels = max_channels
@@ -278,8 +280,9 @@ class ISCAM(_MaskScoreCAM):
     fast_options = {"max_channels": 16, "samples": 2}
 
     def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear",
-                 batch_size: int | None = None, samples: int = 4, max_channels: int | None = None):
-        super().__init__(model, layer, output_selector, interpolation, batch_size or 8)
+                 batch_size: int | None = None, samples: int = 4, max_channels: int | None = None,
+                 **layer_options):
+        super().__init__(model, layer, output_selector, interpolation, batch_size or 8, **layer_options)
         self.masked_batch = batch_size
         check_max_channels(max_channels)
         self.max_channels = max_channels
