@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from ..errors import ConvlensError
-from .base import Attribution, Method, RegionTarget, Target, normalize_maps, region_target, upsample  # noqa: F401
-from .cam import CAM, GradCAM, GradCAMPlusPlus, KerasVisGradCAM, LayerCAM, ScoreCAM, XGradCAM, tokens_to_grid  # noqa: F401
+from .base import (Attribution, Method, RegionTarget, Target, normalize_maps, region_target,  # noqa: F401
+                   upsample)
+from .cam import (CAM, GradCAM, GradCAMPlusPlus, KerasVisGradCAM, LayerCAM, ScoreCAM, XGradCAM,  # noqa: F401
+                  tokens_to_grid)
 from .backprop import DeepLift, GradientSHAP
 from .cam_variants import (AblationCAM, EigenCAM, EigenGradCAM, FullGrad, FusedCAM, GradCAMElementWise, HiResCAM,
                            ISCAM, SSCAM, SmoothGradCAMPlusPlus)

@@ -8,14 +8,15 @@ Call shape of every method::
 **Targets.** ``target`` may be ``None`` (the predicted class), an ``int`` (one class for the whole
 batch), a sequence or integer tensor of N classes, a callable ``scores (N, K) → (N,)`` (any
 differentiable score, e.g. ``lambda s: s[:, 3] - s[:, 5]``), or a :class:`Target`. Floats, strings
-and booleans are refused with a :class:`ConvlensError`. A segmentation model's output (N, C, H, W)
-takes a score function only, typically :func:`region_target` (Σ over a region of one class's logits);
-a class target on it is refused. A score function with per-sample state (a :class:`RegionTarget`)
-has ``repeat(k)`` / ``select(index)``, which :class:`Target` calls so that wrappers keep it aligned. Every method resolves it exactly once into a
+and booleans are refused with a :class:`ConvlensError`. Every method resolves it exactly once into a
 :class:`Target` with ``Target.resolve(target, scores)``; a wrapper (SmoothGrad, integrated gradients,
 guided Grad-CAM) resolves on the clean input and hands the :class:`Target` on (``target.repeat(k)``
 for k stacked copies of the batch, ``target.select(index)`` for a subset), so ``None`` means the
 prediction on the clean image everywhere.
+A segmentation model's output (N, C, H, W) takes a score function only, typically
+:func:`region_target` (one class's logits summed over a region); a class target on it is refused. A
+score function with per-sample state (a :class:`RegionTarget`) has ``repeat(k)`` / ``select(index)``,
+which :class:`Target` calls so that wrappers keep it aligned.
 A method that needs class indices sets ``needs_class_target = True``.
 
 **Writing a method.** Subclass :class:`Method` and implement ``compute(x, target) -> Attribution``:
