@@ -91,6 +91,20 @@ def test_gradcam_on_a_region_is_the_seg_gradcam_formula(seg, x):
         assert torch.allclose(res.target.explained(seg(x)), score(seg(x)), atol=1e-5)
 
 
+
+@pytest.mark.parametrize("name", ["ablationcam", "smoothgradcam++", "occlusion"])
+def test_per_sample_regions_stay_aligned_through_select_and_repeat(name, seg, x):
+    """Methods that score subsets (select) or stacked copies (repeat) of the batch: per-sample regions give
+    the same maps as one image at a time."""
+    classes, masks = [1, 3, 0], torch.stack([region(s) for s in (10, 11, 12)])
+    method = make_method(name, seg, **({"layer": "act2"} if method_info(name).needs_layer else {}),
+                         **OPTIONS.get(name, {}))
+    batch = method.attribute(x, region_target(classes, masks)).maps
+    alone = torch.cat([method.attribute(x[i:i + 1], region_target(classes[i], masks[i])).maps for i in range(3)])
+    assert alone.abs().max() > 0
+    assert torch.allclose(batch, alone, atol=1e-5), name
+
+
 def test_saliency_on_a_region_is_the_gradient_of_the_masked_sum(seg, x):
     mask = torch.rand(8, 8, generator=torch.Generator().manual_seed(5))  # float weights work too
     res = make_method("saliency", seg).attribute(x, region_target(1, mask))
