@@ -378,14 +378,17 @@ class FusedCAM(Method):
     """A CAM computed at several layers, each upsampled and min-max scaled to [0, 1], then averaged.
 
     ``layer``: a list or a comma-separated string of module paths (default: the deepest layer of each
-    of the three deepest resolutions); ``base``: the CAM method applied at each layer.
+    of the three deepest resolutions); ``base``: the CAM method applied at each layer; ``layer_options``
+    (``reshape``, ``drop_tokens``, ``grid``): passed to it at every layer.
     """
 
     name = "fusedcam"
     needs_layer = True
 
-    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", base: str = "gradcam"):
+    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear", base: str = "gradcam",
+                 **layer_options):
         super().__init__(model, layer, output_selector, interpolation)
+        self.layer_options = layer_options
         from . import METHODS
 
         base_cls = METHODS.get(base)
@@ -403,7 +406,8 @@ class FusedCAM(Method):
         layers = self.layers(x)
         per_layer = []
         for layer in layers:
-            res = self.base_cls(self.model, layer, self.output_selector, self.interpolation).attribute(x, target)
+            res = self.base_cls(self.model, layer, self.output_selector, self.interpolation,
+                                **self.layer_options).attribute(x, target)
             target = res.target  # resolved once, on the first layer's pass
             per_layer.append(minmax_scale(res.maps)[0])
         fused = torch.stack(per_layer).mean(0)

@@ -92,15 +92,22 @@ class InputXGradient(GradientMethod):
 
 
 class GuidedGradCAM(GradientMethod):
-    """Selvaraju et al. 2017, as in the paper: guided backprop ⊙ upsampled Grad-CAM."""
+    """Selvaraju et al. 2017, as in the paper: guided backprop ⊙ upsampled Grad-CAM.
+
+    ``layer_options`` (``reshape``, ``drop_tokens``, ``grid``) go to the Grad-CAM (see ``cam``)."""
 
     name = "guided-gradcam"
     reduction = "absmax"
     needs_layer = True
     gradient_image = True
 
+    def __init__(self, model, layer=None, output_selector=None, interpolation="bilinear",
+                 reduction: str | None = None, **layer_options):
+        super().__init__(model, layer, output_selector, interpolation, reduction)
+        self.gradcam = GradCAM(model, layer, output_selector, interpolation, **layer_options)
+
     def compute(self, x, target) -> Attribution:
-        cam = GradCAM(self.model, self.layer, self.output_selector, self.interpolation).attribute(x, target)
+        cam = self.gradcam.attribute(x, target)
         guided, _, _ = GuidedBackprop(self.model, output_selector=self.output_selector).input_gradients(
             x, cam.target)
         raw = guided * cam.maps[:, None]
