@@ -127,7 +127,7 @@ class Target:
         return self.classes.detach().cpu()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors: compared by identity
 class RegionTarget:
     """Seg-Grad-CAM score of a (N, C, H, W) output: y_n = Σ_{h,w} M_n[h, w] · out[n, c_n, h, w].
 
