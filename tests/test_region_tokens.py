@@ -230,6 +230,10 @@ def test_token_reshape_errors(images):
         make_method("gradcam", vit, layer="mixer", reshape="tokens").attribute(images, 0)
     with pytest.raises(ConvlensError, match="does not hold"):
         make_method("gradcam", vit, layer="mixer", reshape="tokens", drop_tokens=1, grid=(3, 5)).attribute(images, 0)
+    with pytest.raises(ConvlensError, match=r"\(h, w\)"):
+        make_method("gradcam", vit, layer="mixer", reshape="tokens", drop_tokens=1, grid=(16,)).attribute(images, 0)
+    with pytest.raises(ConvlensError, match="token layer with layer="):  # a 4-D layer given with reshape
+        make_method("gradcam", vit, layer="embed", reshape="tokens").attribute(images, 0)
     with pytest.raises(ConvlensError, match="reshape='tokens'"):  # a token layer without reshape
         make_method("gradcam", vit, layer="mixer").attribute(images, 0)
     with pytest.raises(ConvlensError, match="only with reshape='tokens'"):

@@ -33,7 +33,8 @@ def tokens_to_grid(tokens: torch.Tensor, drop_tokens: int = 0, grid: tuple[int, 
     """(N, T, C) → (N, C, h, w): the first ``drop_tokens`` dropped, token ``drop + i·w + j`` at cell (i, j);
     h·w = T − drop, square unless ``grid`` is given."""
     if tokens.dim() != 3:
-        raise ConvlensError(f"reshape='tokens' needs a (N, tokens, C) layer output, got shape {tuple(tokens.shape)}")
+        raise ConvlensError(f"reshape='tokens' needs a (N, tokens, C) layer output (name the token layer with "
+                            f"layer=), got shape {tuple(tokens.shape)}")
     kept = tokens.shape[1] - drop_tokens
     if grid is None:
         side = math.isqrt(max(kept, 0))
@@ -41,6 +42,8 @@ def tokens_to_grid(tokens: torch.Tensor, drop_tokens: int = 0, grid: tuple[int, 
             raise ConvlensError(f"{kept} tokens (of {tokens.shape[1]}, {drop_tokens} dropped) do not form a square "
                                 "grid: give grid=(h, w) or drop_tokens")
         grid = (side, side)
+    if len(grid) != 2:
+        raise ConvlensError(f"grid must be (h, w), got {grid!r}")
     h, w = int(grid[0]), int(grid[1])
     if h <= 0 or w <= 0 or h * w != kept:
         raise ConvlensError(f"grid {h}×{w} does not hold the {kept} tokens (of {tokens.shape[1]}, "
