@@ -318,3 +318,55 @@ def test_predict_two_processes_equal_one(trained_run, mnist_test, tmp_path):
     assert [(r["image"], r["predicted"]) for r in a] == [(r["image"], r["predicted"]) for r in b]
     for ra, rb in zip(a, b):
         assert rb["probability"] == pytest.approx(ra["probability"], rel=1e-5)
+
+
+def mnist_pngs(folder, x, count):
+    from PIL import Image
+
+    folder.mkdir()
+    for i in range(count):
+        Image.fromarray((x[i, 0].numpy() * 255).astype(np.uint8), "L").save(folder / f"img{i}.png")
+    return folder
+
+
+@pytest.mark.slow
+def test_explain_two_processes_equal_one(trained_run, mnist_test, tmp_path):
+    """7 images (blocks of 4 and 3): the same maps.npz, prediction rows and figures as one process."""
+    folder = mnist_pngs(tmp_path / "images", mnist_test[0], 7)
+    args = ("explain", folder, "--model", trained_run, "--methods", "gradcam,saliency", "--quiet")
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = single(*args, "--out", one)
+    assert proc.returncode == 0, proc.stderr
+    proc = torchrun(*args, "--out", two)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("predictions.json") == 1  # rank 0 alone reports
+    a, b = np.load(one / "maps.npz"), np.load(two / "maps.npz")
+    assert sorted(a.files) == sorted(b.files) == sorted(
+        ["images"] + [f"{m}_{kind}" for m in ("gradcam", "saliency") for kind in ("raw", "map")])
+    assert b["images"].tolist() == [f"img{i}.png" for i in range(7)]
+    for key in a.files:
+        if key != "images":
+            assert a[key].shape == b[key].shape and a[key].shape[0] == 7
+            assert np.abs(b[key]).max() > 0
+            np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=1e-6, err_msg=key)
+    ja, jb = (json.loads((d / "predictions.json").read_text()) for d in (one, two))
+    assert [r["image"] for r in jb["predictions"]] == [f"img{i}.png" for i in range(7)]
+    for ra, rb in zip(ja["predictions"], jb["predictions"]):
+        assert {k: v for k, v in ra.items() if k not in ("probability", "top")} == \
+            {k: v for k, v in rb.items() if k not in ("probability", "top")}
+        assert rb["probability"] == pytest.approx(ra["probability"], rel=1e-6)
+        assert [t["index"] for t in ra["top"]] == [t["index"] for t in rb["top"]]
+    assert ja["figures"] == jb["figures"] and ja["layers"] == jb["layers"] and jb["skipped"] == []
+    assert visible(one) == visible(two)
+    assert "img6_methods.png" in visible(two)
+
+
+@pytest.mark.slow
+def test_explain_failing_rank_leaves_no_outputs(trained_run, mnist_test, tmp_path):
+    folder = mnist_pngs(tmp_path / "images", mnist_test[0], 7)
+    out = tmp_path / "fail"
+    proc = torchrun("explain", folder, "--model", trained_run, "--methods", "gradcam,saliency", "--quiet",
+                    "--out", out, env={distributed.FAULT_ENV: "raise@1:0"})
+    assert_one_error_line(proc, "rank 1 failed", "injected fault at step 0")
+    assert visible(out) == []
+    assert not list(out.rglob("*.tmp"))

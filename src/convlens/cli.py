@@ -154,6 +154,8 @@ def cmd_explain(a: argparse.Namespace) -> int:
     loaded = model_from(a)
     summary = explain(loaded, a.images or sample_photo_paths(), a.out, a.methods, a.target, a.layer,
                       progress=not a.quiet, batch_size=a.batch_size)
+    if summary is None:  # not the writing rank of a distributed run
+        return 0
     print(display(Path(a.out) / "predictions.json"))
     return 1 if summary["skipped"] else 0
 
@@ -487,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-SHARDED_COMMANDS = {"stats", "evaluate", "predict"}
+SHARDED_COMMANDS = {"stats", "evaluate", "predict", "explain"}
 
 
 def run_distributed(args: argparse.Namespace) -> int:

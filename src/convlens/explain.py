@@ -211,17 +211,88 @@ def file_safe(name: str) -> str:
 CONTACT_SHEET_THRESHOLD = 24
 
 
+@dataclass
+class ImageResult:
+    """One image's explanation: its prediction row, input, every method's raw output and map, and the
+    class its maps explain (as a caption); ``index`` is its place in the whole image list."""
+    index: int
+    row: dict
+    x: torch.Tensor
+    raw: dict[str, np.ndarray]
+    maps: dict[str, np.ndarray]
+    label: str
+
+
+@dataclass
+class BatchResult:
+    images: list[ImageResult]
+    seconds: dict[str, float]
+    layers: dict[str, str | None]
+
+
+def explain_batch(loaded: LoadedModel, paths: list[Path], indices: list[int], x: torch.Tensor, methods: list[str],
+                  target: int | None, layer: str | None) -> BatchResult:
+    """Predictions and every method's maps for the images ``paths[i] for i in indices`` (stacked in ``x``)."""
+    run = run_methods(loaded, x, methods, target, layer, progress=False)
+    rows = prediction_rows(loaded, [paths[i] for i in indices], predict(loaded, x), 5)
+    first = run["results"][methods[0]]
+    raw = {m: run["results"][m].raw.detach().cpu().numpy() for m in methods}
+    maps = {m: run["results"][m].maps.detach().cpu().numpy() for m in methods}
+    images = [ImageResult(i, row, x[k].cpu(), {m: raw[m][k] for m in methods}, {m: maps[m][k] for m in methods},
+                          loaded.class_names[int(first.targets[k])] if first.target.is_class else "custom target")
+              for k, (row, i) in enumerate(zip(rows, indices))]
+    return BatchResult(images, run["seconds"], {m: run["results"][m].layer for m in methods})
+
+
+class ExplainWriter:
+    """Writes explained batches in dataset order: rows, figures (contact sheets past
+    CONTACT_SHEET_THRESHOLD images) and ``maps.npz`` streamed batch by batch."""
+
+    def __init__(self, loaded: LoadedModel, out: Path, paths: list[Path], methods: list[str],
+                 overlays: list[str] | None):
+        from .plots.attribution import ContactSheets
+
+        self.loaded, self.out, self.methods, self.overlays = loaded, out, methods, overlays
+        self.names, self.stems = display_names(paths), distinct_stems(paths)
+        self.sheets = ContactSheets(out, methods) if len(paths) > CONTACT_SHEET_THRESHOLD else None
+        self.store = NpzStream(out / "maps.npz")
+        self.rows, self.figures, self.layers = [], {}, {}
+        self.seconds = dict.fromkeys(methods, 0.0)
+
+    def add(self, batch: BatchResult) -> None:
+        for image in batch.images:
+            name, stem = self.names[image.index], self.stems[image.index]
+            self.rows.append({**image.row, "image": name, "output": stem})
+            self.figures[name] = image_figures(self.loaded, image, self.methods, self.overlays, self.sheets,
+                                               self.out, name, stem)
+        self.store.append(images=np.array([self.names[image.index] for image in batch.images], dtype="U256"),
+                          **{f"{m}_raw": np.stack([image.raw[m] for image in batch.images]) for m in self.methods},
+                          **{f"{m}_map": np.stack([image.maps[m] for image in batch.images]) for m in self.methods})
+        for m in self.methods:
+            self.seconds[m] += batch.seconds[m]
+        self.layers.update(batch.layers)
+
+    def close(self) -> None:
+        if self.sheets is not None:
+            self.sheets.flush()
+        self.store.close()
+
+    def discard(self) -> None:
+        self.store.discard()
+
+
 def explain(loaded: LoadedModel, items, out: str | Path, methods: list[str] | None = None,
             target: str | None = None, layer: str | None = None, progress: bool = True,
-            overlays: list[str] | None = None, batch_size: int | None = None) -> dict:
+            overlays: list[str] | None = None, batch_size: int | None = None) -> dict | None:
     """Predictions, one side-by-side figure per image (contact sheets past CONTACT_SHEET_THRESHOLD
     images), overlays of the methods in ``overlays`` (default none), and every raw map in ``maps.npz``
     (rows in the order of ``summary["predictions"]``), all in ``out``.
 
     Images go through in batches of ``batch_size`` (default: what fits in memory, at most 32), so
-    memory stays flat in the number of images.
+    memory stays flat in the number of images. Under torchrun each rank explains a contiguous block
+    of the images and rank 0 writes everything (:func:`sharded_explain`; other ranks return None).
     """
-    from .plots.attribution import ContactSheets
+    from . import distributed
 
     methods = expand_methods(methods, loaded)
     for name in methods:
@@ -232,41 +303,65 @@ def explain(loaded: LoadedModel, items, out: str | Path, methods: list[str] | No
     paths = expand_image_paths(items)
     check_out_not_input(out, items)
     plan = explain_plan(loaded, methods, batch_size)
-    names, stems = display_names(paths), distinct_stems(paths)
-    out = ensure_dir(out)
-    sheets = ContactSheets(out, methods) if len(paths) > CONTACT_SHEET_THRESHOLD else None
-    store = NpzStream(out / "maps.npz")
+    if distributed.active():
+        return sharded_explain(loaded, paths, out, methods, target_index, layer, progress, overlays, plan)
+    writer = ExplainWriter(loaded, ensure_dir(out), paths, methods, overlays)
     reporter = SkipReporter()
-    rows, figures, layers = [], {}, {}
-    seconds = dict.fromkeys(methods, 0.0)
     bar = progress_of(desc="images", total=len(paths), unit="image", enabled=progress)
     try:
         for indices, x in iter_image_batches(paths, image_mode(loaded), loaded.preprocess, plan.batch_size,
                                              reporter):
-            run = run_methods(loaded, x, methods, target_index, layer, progress=False)
-            batch_rows = prediction_rows(loaded, [paths[i] for i in indices], predict(loaded, x), 5)
-            for k, (row, i) in enumerate(zip(batch_rows, indices)):
-                row.update(image=names[i], output=stems[i])
-                figures[names[i]] = image_figures(loaded, x[k], k, run, methods, overlays, sheets, out,
-                                                  names[i], stems[i])
-            rows += batch_rows
-            store.append(images=np.array([names[i] for i in indices], dtype="U256"),
-                         **{f"{m}_raw": run["results"][m].raw.detach().cpu().numpy() for m in methods},
-                         **{f"{m}_map": run["results"][m].maps.detach().cpu().numpy() for m in methods})
-            for m in methods:
-                seconds[m] += run["seconds"][m]
-                layers[m] = run["results"][m].layer
+            writer.add(explain_batch(loaded, paths, indices, x, methods, target_index, layer))
             bar.update(len(indices))
-        if sheets is not None:
-            sheets.flush()
-        store.close()
+        writer.close()
     finally:
-        store.discard()
+        writer.discard()
         bar.close()
-    summary = {"model": loaded.name, "methods": methods, "predictions": rows, "figures": figures,
-               "maps": "maps.npz", "seconds": seconds, "skipped": reporter.failures, "layers": layers,
+    return write_summary(loaded, writer, reporter.failures, plan)
+
+
+def sharded_explain(loaded: LoadedModel, paths: list[Path], out: str | Path, methods: list[str],
+                    target: int | None, layer: str | None, progress: bool, overlays: list[str] | None,
+                    plan: BatchPlan) -> dict | None:
+    """:func:`explain` under torchrun: the images go in steps of ≤ ``plan.batch_size`` (at most ⌈n/W⌉, so
+    every rank gets work), each rank explains its contiguous block of steps (``distributed.fold``: fault
+    hook, peer checks, one progress bar), and rank 0 gathers the per-image results in dataset order and
+    alone draws and writes every output. The other ranks write nothing and return None."""
+    from . import distributed
+
+    step = max(1, min(plan.batch_size, -(-len(paths) // distributed.world_size())))
+    job = distributed.Job("explain", len(paths), step, progress=progress)
+
+    def compute(lo: int, hi: int) -> tuple[list[BatchResult], list[str]]:
+        reporter = SliceReporter()
+        batches = [explain_batch(loaded, paths, [lo + i for i in indices], x, methods, target, layer)
+                   for indices, x in iter_image_batches(paths[lo:hi], image_mode(loaded), loaded.preprocess,
+                                                        plan.batch_size, reporter)]
+        return batches, reporter.failures
+
+    batches, failures = distributed.fold(job, compute, lambda s, p: (s[0] + p[0], s[1] + p[1]), ([], []))
+    first = job.units().start
+    batches, failures = (distributed.gather_ordered(first, part) for part in (batches, failures))
+    if not distributed.is_writer():
+        return None
+    if not batches:
+        raise ConvlensError(failures[0] if len(failures) == 1 else
+                            f"none of the {len(failures)} given images could be read")
+    writer = ExplainWriter(loaded, ensure_dir(out), paths, methods, overlays)
+    try:
+        for batch in batches:
+            writer.add(batch)
+        writer.close()
+    finally:
+        writer.discard()
+    return write_summary(loaded, writer, failures, plan)
+
+
+def write_summary(loaded: LoadedModel, writer: ExplainWriter, failures: list[str], plan: BatchPlan) -> dict:
+    summary = {"model": loaded.name, "methods": writer.methods, "predictions": writer.rows, "figures": writer.figures,
+               "maps": "maps.npz", "seconds": writer.seconds, "skipped": failures, "layers": writer.layers,
                "batch_size": plan.batch_size}
-    write_json(out / "predictions.json", summary)
+    write_json(writer.out / "predictions.json", summary)
     return summary
 
 
@@ -282,16 +377,14 @@ def explain_plan(loaded: LoadedModel, methods: list[str], batch_size: int | None
                            available_bytes())
 
 
-def image_figures(loaded: LoadedModel, x: torch.Tensor, k: int, run: dict, methods: list[str],
-                  overlays: list[str] | None, sheets, out: Path, name: str, stem: str) -> dict:
-    """Figures of the k-th image of a batch: its side-by-side figure (or contact-sheet row) and overlays."""
+def image_figures(loaded: LoadedModel, image_result: ImageResult, methods: list[str], overlays: list[str] | None,
+                  sheets, out: Path, name: str, stem: str) -> dict:
+    """Figures of one image: its side-by-side figure (or contact-sheet row) and overlays."""
     from .plots.attribution import method_panel, plot_methods, plot_overlay, shows_sign
 
-    image = loaded.deprocess(x)
-    first = run["results"][methods[0]]
-    label = loaded.class_names[int(first.targets[k])] if first.target.is_class else "custom target"
-    panels = {m: method_panel(m, image, run["results"][m].raw[k].detach().cpu().numpy(),
-                              run["results"][m].maps[k].detach().cpu().numpy()) for m in methods}
+    image = loaded.deprocess(image_result.x)
+    label = image_result.label
+    panels = {m: method_panel(m, image, image_result.raw[m], image_result.maps[m]) for m in methods}
     if sheets is not None:
         return sheets.add(f"{name}: {label}", image, panels)
     figure = {"overlays": {}}
