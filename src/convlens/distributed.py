@@ -449,3 +449,31 @@ def fold(job: Job, compute: Callable[[int, int], P], combine: Callable[[T, P], T
         print(f"convlens: resumed {job.resumed:,} of {job.count:,} items of {job.name} from checkpoints",
               file=sys.stderr)
     return state
+
+
+def deal(job: Job, compute: Callable[[int, int], P], emit: Callable[[P], None]) -> None:
+    """Steps dealt round-robin, results emitted on rank 0 in dataset order with memory flat in ``job.count``.
+
+    Round j: rank r computes step j·W + r (items [lo, hi) of :meth:`Job.items`; none past the last step),
+    then rank 0 receives the round's W results in step order and calls ``emit`` on each. Every step is
+    computed exactly once; rank 0 holds one round of results at a time. Same fault hook, peer checks
+    and single progress report as :func:`fold` (no checkpoints).
+    """
+    steps, world = -(-job.count // job.step) if job.count else 0, world_size()
+    progress = Progress(job)
+    try:
+        for j in range(-(-steps // world)):
+            check_peers()
+            inject_fault(j)
+            unit = j * world + rank()
+            part = None
+            if unit < steps:
+                lo, hi = job.items(unit)
+                part = compute(lo, hi)
+                progress.advance(hi - lo)
+            for result in gather_ordered(unit, [part]) or []:
+                if result is not None:
+                    emit(result)
+    finally:
+        progress.close()
+    mark_finished()

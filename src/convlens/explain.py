@@ -324,13 +324,15 @@ def sharded_explain(loaded: LoadedModel, paths: list[Path], out: str | Path, met
                     target: int | None, layer: str | None, progress: bool, overlays: list[str] | None,
                     plan: BatchPlan) -> dict | None:
     """:func:`explain` under torchrun: the images go in steps of ≤ ``plan.batch_size`` (at most ⌈n/W⌉, so
-    every rank gets work), each rank explains its contiguous block of steps (``distributed.fold``: fault
-    hook, peer checks, one progress bar), and rank 0 gathers the per-image results in dataset order and
-    alone draws and writes every output. The other ranks write nothing and return None."""
+    every rank gets work), dealt to the ranks round-robin (``distributed.deal``: fault hook, peer checks,
+    one progress bar); after each round rank 0 receives the round's per-image results in dataset order
+    and alone draws and writes them, so memory stays flat on every rank. Other ranks return None."""
     from . import distributed
 
     step = max(1, min(plan.batch_size, -(-len(paths) // distributed.world_size())))
     job = distributed.Job("explain", len(paths), step, progress=progress)
+    writer = ExplainWriter(loaded, ensure_dir(out), paths, methods, overlays) if distributed.is_writer() else None
+    failures: list[str] = []
 
     def compute(lo: int, hi: int) -> tuple[list[BatchResult], list[str]]:
         reporter = SliceReporter()
@@ -339,21 +341,22 @@ def sharded_explain(loaded: LoadedModel, paths: list[Path], out: str | Path, met
                                                         plan.batch_size, reporter)]
         return batches, reporter.failures
 
-    batches, failures = distributed.fold(job, compute, lambda s, p: (s[0] + p[0], s[1] + p[1]), ([], []))
-    first = job.units().start
-    batches, failures = (distributed.gather_ordered(first, part) for part in (batches, failures))
-    if not distributed.is_writer():
-        return None
-    if not batches:
-        raise ConvlensError(failures[0] if len(failures) == 1 else
-                            f"none of the {len(failures)} given images could be read")
-    writer = ExplainWriter(loaded, ensure_dir(out), paths, methods, overlays)
-    try:
-        for batch in batches:
+    def emit(part: tuple[list[BatchResult], list[str]]) -> None:
+        for batch in part[0]:
             writer.add(batch)
+        failures.extend(part[1])
+
+    try:
+        distributed.deal(job, compute, emit)
+        if writer is None:
+            return None
+        if not writer.rows:
+            raise ConvlensError(failures[0] if len(failures) == 1 else
+                                f"none of the {len(failures)} given images could be read")
         writer.close()
     finally:
-        writer.discard()
+        if writer is not None:
+            writer.discard()
     return write_summary(loaded, writer, failures, plan)
 
 
