@@ -77,6 +77,18 @@ def test_fold_resumes_without_recomputing_finished_steps(tmp_path, monkeypatch):
     assert not (tmp_path / distributed.WORK_DIR).exists()
 
 
+def test_deal_emits_every_step_once_in_order_and_honours_the_fault_hook(monkeypatch):
+    emitted = []
+    job = distributed.Job("deal", 11, 3)
+    distributed.deal(job, lambda lo, hi: list(range(lo, hi)), emitted.append)
+    assert emitted == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10]]
+    emitted.clear()
+    monkeypatch.setenv(distributed.FAULT_ENV, "raise@0:1")
+    with pytest.raises(RuntimeError, match="injected fault at step 1"):
+        distributed.deal(job, lambda lo, hi: list(range(lo, hi)), emitted.append)
+    assert emitted == [[0, 1, 2]]
+
+
 def test_fingerprint_depends_on_options_and_weights():
     from convlens.models import LabNet
 

@@ -5,7 +5,9 @@ command joins the process group once (:func:`setup`), each rank takes a contiguo
 (:func:`shard`), folds its block step by step (:func:`fold`, with per-block checkpoints that
 ``--resume`` picks up), and the parts are combined with collectives: accumulators all-reduced
 (:func:`all_reduce_tree`: sums and counts with SUM, maxima with MAX), per-item results gathered to
-rank 0 in dataset order (:func:`gather_ordered`). Only rank 0 writes outputs (:func:`is_writer`).
+rank 0 in dataset order (:func:`gather_ordered`). Per-item results too large to hold for a whole block
+(explanation maps) go round by round instead (:func:`deal`: steps dealt round-robin, rank 0 receives
+each round in order). Only rank 0 writes outputs (:func:`is_writer`).
 Without a launcher every function degrades to the single-process case (world size 1, no collectives).
 
 Faults: a rank whose work raises publishes ``rank R failed: <cause>`` in the launcher's key-value store,
