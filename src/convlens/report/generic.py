@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..attribution import method_info
 from ..data.folders import scan_labelled_folder, stream_batches
 from ..errors import ConvlensError
 from ..io import ensure_dir, write_json, write_text
@@ -53,6 +54,7 @@ def check_options(opts: ReportOptions) -> None:
 def stage_accuracy(loaded: LoadedModel, folder, names: list[str], items, out: Path, progress: bool) -> dict:
     """Predictions on every image of the folder (streamed): accuracy, confusion over the folder's
     classes (last column: any other class), per-image rows."""
+    from ..explain import predict
     from ..plots.training import plot_confusion
     from ..progress import progress as progress_of
 
@@ -60,7 +62,6 @@ def stage_accuracy(loaded: LoadedModel, folder, names: list[str], items, out: Pa
     to_folder = {m: c for c, m in enumerate(folder.model_index)}
     cm = np.zeros((k, k + 1), dtype=np.int64)
     rows, skipped = [], []
-    from ..explain import predict
 
     batches = stream_batches(items, loaded.preprocess, loaded.profile.image_mode, 64, skipped=skipped)
     for x, y, idx in progress_of(batches, desc="accuracy", enabled=progress, total=-(-len(items) // 64),
@@ -113,8 +114,7 @@ def run_report(loaded: LoadedModel, opts: ReportOptions) -> Path:
     folder, names = scan_labelled_folder(opts.data, loaded.class_names)
     items = folder.items[:opts.limit] if opts.limit else folder.items
     for name in opts.methods or []:
-        from ..attribution import make_method
-        make_method(name, loaded.model)
+        method_info(name)  # an unknown name fails before any work
     out = ensure_dir(opts.out)
     timings: dict = {}
     start = time.perf_counter()

@@ -1,7 +1,6 @@
 """Cached pipeline stages: a stage's folder holds ``stage.json`` with the key it was computed for."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -11,6 +10,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import ConvlensError
+from ..integrity import tensor_digest
 from ..io import check_input_file, check_output_file, ensure_dir, write_json
 
 
@@ -48,10 +48,5 @@ def run_stage(out: Path, name: str, key: dict, work: Callable[[Path], dict], tim
 
 
 def model_digest(model: nn.Module) -> str:
-    """SHA-256 (16 hex digits) of the model's state: names, shapes, dtypes and values."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
+    """SHA-256 (16 hex digits) of the model's state (see :func:`convlens.integrity.tensor_digest`)."""
+    return tensor_digest(model.state_dict())[:16]
