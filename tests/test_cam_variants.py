@@ -7,6 +7,7 @@ from torch import nn
 
 from convlens.attribution import attribute, make_method, normalize_maps
 from convlens.attribution.cam_variants import FullGrad
+from nets import GapNet
 
 
 class FlatNet(nn.Module):
@@ -29,20 +30,6 @@ class FlatNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.features(x))
-
-
-class GapNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
-        self.act1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
-        self.act2 = nn.ReLU()
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x):
-        return self.fc(self.act2(self.conv2(self.act1(self.conv1(x)))).mean((2, 3)))
 
 
 TARGETS = [0, 3, 1]

@@ -1,24 +1,10 @@
 """Bad input to every registered method: one ConvlensError, before the expensive part runs."""
 import pytest
 import torch
-from torch import nn
 
 from convlens.attribution import METHODS, make_method
 from convlens.errors import ConvlensError
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
-        self.act1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
-        self.act2 = nn.ReLU()
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x):
-        return self.fc(self.act2(self.conv2(self.act1(self.conv1(x)))).mean((2, 3)))
+from nets import GapNet as Net
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
