@@ -3,13 +3,15 @@ objects, in one process: medians, ratio = peer time / convlens time (> 1: convle
 
     python bench/methods.py [--threads 2] [--repeats 3] [--lite0-repeats 1] [--only lab|lite0] [--methods a,b]
 
-Peers: Captum 0.9.0 (occlusion, feature ablation, Shapley sampling, DeepLIFT, GradientSHAP, LRP,
-NoiseTunnel) and TorchCAM 0.5.0 (SmoothGrad-CAM++, SS-CAM, IS-CAM), both installed with --no-deps.
+Peers: Captum 0.9.0 (occlusion, feature ablation, Shapley sampling, KernelSHAP, LIME, DeepLIFT,
+GradientSHAP, LRP, NoiseTunnel) and TorchCAM 0.5.0 (SmoothGrad-CAM++, SS-CAM, IS-CAM), both installed with --no-deps.
 Settings are matched where the definitions match (same windows, features, permutations, samples);
 TorchCAM's SS-CAM / IS-CAM weigh channels differently (softmax over channels), so those rows time the
 same number of masked forwards, not the same numbers. Methods without an importable peer (HiResCAM,
-EigenCAM, Ablation-CAM, FullGrad, RISE, KernelSHAP, LIME…: pytorch-grad-cam imports torchvision, Captum's
-KernelShap/Lime need scikit-learn) are timed alone.
+EigenCAM, Ablation-CAM, FullGrad, RISE…: pytorch-grad-cam imports torchvision) are timed alone.
+KernelSHAP / LIME: Captum evaluates as many coalitions as convlens (its sampler, its full and empty
+coalitions included), all of one image in one forward (perturbations_per_eval = n_samples, its fastest
+setting); LIME with the same kernel (cosine distance of the binary vectors, width 0.25) and Ridge(α = 1).
 Lab network: convlens.models.LabNet built untrained, batch of the first 256 MNIST test digits (their
 black background equals the baseline, so perturbation copies that change nothing are skipped).
 EfficientNet-Lite0: batch 8 photos.
@@ -22,6 +24,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 import torch  # noqa: E402
 
 from common import interleaved, setup  # noqa: E402
@@ -78,6 +81,7 @@ def rows(model, x, layer, s):
                 "Captum ShapleyValueSampling", lambda: ca.ShapleyValueSampling(model).attribute(
                     x, baselines=0.0, target=target, feature_mask=mask, n_samples=s["perms"],
                     perturbations_per_eval=max(1, 256 // len(x)))))
+    out += kernel_shap_and_lime_rows(model, x, s, target, mask, ours)
     out.append(("deeplift", ours("deeplift"), "Captum DeepLift",
                 lambda: ca.DeepLift(model).attribute(x, baselines=torch.zeros_like(x), target=target)))
     out.append(("gradient-shap", ours("gradient-shap", samples=s["samples"], sigma=0.0),
@@ -103,14 +107,29 @@ def rows(model, x, layer, s):
     out += torchcam_rows(model, x, layer, s, target, ours)
     for name, kw in (("hirescam", {}), ("gradcam-elementwise", {}), ("eigencam", {}), ("eigengradcam", {}),
                      ("ablationcam", {"max_channels": s["channels"]}), ("fullgrad", {}), ("fusedcam", {}),
-                     ("rise", {"masks": s["masks"], "batch_size": 256}),
-                     ("kernel-shap", {"cells": s["cells"], "samples": s["samples"] * 4, "batch_size": 256}),
-                     ("lime", {"features": "grid", "cells": s["cells"], "samples": s["samples"] * 4,
-                               "batch_size": 256})):
-        if layer is not None and name not in ("fullgrad", "fusedcam", "rise", "kernel-shap", "lime"):
+                     ("rise", {"masks": s["masks"], "batch_size": 256})):
+        if layer is not None and name not in ("fullgrad", "fusedcam", "rise"):
             kw = {**kw, "layer": layer}
         out.append((name, ours(name, **kw), None, None))
     return out
+
+
+def kernel_shap_and_lime_rows(model, x, s, target, mask, ours):
+    """KernelSHAP and LIME on a grid of cells², as many model evaluations on both sides."""
+    import captum.attr as ca
+    from captum._utils.models.linear_model import SkLearnRidge
+    from test_kernelshap_lime import lime_kernel
+
+    samples, features = s["samples"] * 4, s["cells"] ** 2
+    coalitions = min(samples, 2 ** features - 2)  # convlens enumerates all when they are this few
+    lime = ca.Lime(model, interpretable_model=SkLearnRidge(alpha=1.0), similarity_func=lime_kernel(0.25))
+    return [("kernel-shap", ours("kernel-shap", cells=s["cells"], samples=samples, batch_size=256),
+             "Captum KernelShap", lambda: ca.KernelShap(model).attribute(
+                 x, baselines=0.0, target=target, feature_mask=mask, n_samples=coalitions + 2,
+                 perturbations_per_eval=coalitions + 2)),
+            ("lime", ours("lime", features="grid", cells=s["cells"], samples=samples, batch_size=256),
+             "Captum Lime", lambda: lime.attribute(x, baselines=0.0, target=target, feature_mask=mask,
+                                                   n_samples=samples, perturbations_per_eval=samples))]
 
 
 def torchcam_rows(model, x, layer, s, target, ours):

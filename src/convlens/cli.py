@@ -23,11 +23,19 @@ def command(func):
     return func
 
 
+SEGMENTATION_COMMANDS = {"summary", "predict", "explain"}  # the others need (N, classes) scores
+
+
 def model_from(a: argparse.Namespace):
-    """The model named by --model (with --weights and --profile)."""
+    """The model named by --model (with --weights and --profile); a segmentation model only where the
+    command takes one."""
     from .models import load_model
 
-    return load_model(a.model, weights=getattr(a, "weights", None), profile=getattr(a, "profile", None))
+    loaded = load_model(a.model, weights=getattr(a, "weights", None), profile=getattr(a, "profile", None))
+    if loaded.profile.output_grid is not None and a.command not in SEGMENTATION_COMMANDS:
+        raise ConvlensError(f"{a.command} needs a classifier's (N, classes) scores; this model returns a "
+                            "segmentation output (N, C, H, W) (explain it with convlens explain --target-region)")
+    return loaded
 
 
 def int_list(text: str) -> list[int]:
@@ -151,9 +159,15 @@ def cmd_explain(a: argparse.Namespace) -> int:
     from .data.images import sample_photo_paths
     from .explain import explain
 
+    from .explain_targets import parse_grid
+    from .models.profile import TokenLayout
+
+    if (a.drop_tokens is not None or a.grid is not None) and not a.tokens:
+        raise ConvlensError("--drop-tokens and --grid apply only with --tokens")
+    tokens = TokenLayout(a.drop_tokens or 0, parse_grid(a.grid) if a.grid else None) if a.tokens else None
     loaded = model_from(a)
     summary = explain(loaded, a.images or sample_photo_paths(), a.out, a.methods, a.target, a.layer,
-                      progress=not a.quiet, batch_size=a.batch_size)
+                      progress=not a.quiet, batch_size=a.batch_size, region=a.target_region, tokens=tokens)
     if summary is None:  # not the writing rank of a distributed run
         return 0
     print(display(Path(a.out) / "predictions.json"))
@@ -295,8 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(p, "efficientnet-lite0", "convlens-out/explain")
     p.add_argument("--methods", type=str_list, help="comma-separated, KIND:METHOD for a noise tunnel "
                    "(smoothgrad:gradcam), or 'all'; default: gradcam,guided-gradcam,…")
-    p.add_argument("--target", help="class index or name, or 'predicted' (default)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--target", help="class index or name, or 'predicted' (default)")
+    group.add_argument("--target-region", metavar="CLASS:MASK.png|CLASS:x0,y0,x1,y1",
+                       help="segmentation models: the class summed over a region of the output grid, given as a "
+                            "mask image (nonzero = in; resized to the output's H×W) or a box in output pixels")
     p.add_argument("--layer", help="module path of the CAM layer (default: automatic)")
+    p.add_argument("--tokens", action="store_true",
+                   help="the CAM layer is a token layer (N, tokens, C): read it as a grid")
+    p.add_argument("--drop-tokens", type=nonnegative_int, metavar="K",
+                   help="with --tokens: drop K leading tokens (a class token: 1)")
+    p.add_argument("--grid", metavar="HxW", help="with --tokens: the token grid (default: square)")
     p.add_argument("--batch-size", type=positive_int,
                    help="images per batch (default: as many as fit in memory, at most 32)")
 

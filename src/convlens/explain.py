@@ -15,14 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .attribution import METHODS, make_method, method_info, uses_layer
+from .attribution import METHODS, RegionTarget, make_method, method_info, uses_layer
 from .batching import (MAX_BATCH, BatchPlan, SkipReporter, SliceReporter, activation_bytes, available_bytes,
                        iter_image_batches, plan_batch_size)
 from .data.images import expand_image_paths, package_photos_dir
 from .errors import ConvlensError
 from .attribution.base import select_output
+from .explain_targets import check_token_layer, class_index, parse_region, region_for, token_layout
 from .hooks import evaluating, resolve_layer
 from .io import NpzStream, check_out_not_input, display, distinct_stems, ensure_dir, write_json
+from .models.profile import TokenLayout
 from .models.registry import LoadedModel
 from .progress import progress as progress_of
 
@@ -114,9 +116,15 @@ def expected_for(path: Path, class_names: list[str]) -> dict | None:
 
 @torch.no_grad()
 def predict(loaded: LoadedModel, x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-    """Class probabilities (N, classes) on the CPU, computed in batches on the model's device."""
+    """Class probabilities (N, classes) on the CPU, computed in batches on the model's device; for a
+    segmentation output (N, C, H, W) the per-pixel class probabilities averaged over the grid (the
+    expected share of the pixels each class covers)."""
+    def probabilities(out: torch.Tensor) -> torch.Tensor:
+        p = out.softmax(1)
+        return p.mean((2, 3)) if p.dim() == 4 else p
+
     with evaluating(loaded.model):
-        return torch.cat([select_output(loaded.model(x[i:i + batch_size].to(loaded.device)), None).softmax(1).cpu()
+        return torch.cat([probabilities(select_output(loaded.model(x[i:i + batch_size].to(loaded.device)), None)).cpu()
                           for i in range(0, len(x), batch_size)])
 
 
@@ -145,17 +153,21 @@ def format_table(rows: list[dict]) -> str:
 
 
 def parse_target(text: str | None, loaded: LoadedModel) -> int | None:
+    """--target: None for the predicted class, else a class index (an index or a class name)."""
     if text is None or text == "predicted":
         return None
-    if text.lstrip("-").isdigit():
-        value = int(text)
-        if not 0 <= value < len(loaded.class_names):
-            raise ConvlensError(f"--target {value}: out of range 0..{len(loaded.class_names) - 1}")
-        return value
-    matches = [i for i, name in enumerate(loaded.class_names) if name.lower() == text.lower()]
-    if not matches:
-        raise ConvlensError(f"--target {text!r}: unknown class name or index")
-    return matches[0]
+    return class_index(text, loaded.class_names, "--target")
+
+
+def resolve_explain_target(loaded: LoadedModel, target: str | None, region: str | None) -> int | None | RegionTarget:
+    """What the maps explain: a region of a segmentation output (``--target-region``) or a class; a class
+    target on a segmentation model is refused."""
+    if region is not None:
+        return region_for(loaded, parse_region(region))
+    if loaded.profile.output_grid is not None:
+        raise ConvlensError("the model returns a segmentation output (N, C, H, W): explain it with --target-region "
+                            "CLASS:MASK.png or CLASS:x0,y0,x1,y1 (--target is for a classifier's class)")
+    return parse_target(target, loaded)
 
 
 def method_for(loaded: LoadedModel, name: str, layer: str | None = None, model=None, **options):
@@ -191,14 +203,54 @@ def has_cam_head(loaded: LoadedModel) -> bool:
         return False
 
 
-def expand_methods(methods: list[str] | None, loaded: LoadedModel) -> list[str]:
+def expand_methods(methods: list[str] | None, loaded: LoadedModel, layout: TokenLayout | None = None,
+                   class_target: bool = True) -> list[str]:
     """The method names to run: the defaults, the given ones, or for ['all'] every registered method that
-    applies to the model (CAM only with a global-average-pooling → linear head)."""
+    applies to the model and target (CAM only with a global-average-pooling → linear head; no class-only
+    method for a region target; only methods that read a token layer when ``layout`` is given)."""
     if not methods:
         return list(DEFAULT_METHODS)
-    if methods == ["all"]:
-        return [m for m in METHODS if m != "cam" or has_cam_head(loaded)]
-    return methods
+    if methods != ["all"]:
+        return methods
+
+    def applies(name: str) -> bool:
+        if not class_target and method_info(name).needs_class_target:
+            return False
+        try:
+            make_method(name, loaded.model, **layer_options(name, layout))
+        except ConvlensError:
+            return False
+        return name != "cam" or has_cam_head(loaded)
+
+    return [m for m in METHODS if applies(m)]
+
+
+def layer_options(name: str, layout: TokenLayout | None) -> dict:
+    """Options of a method that reads the layer: how to read a token layer (none for a spatial one)."""
+    return layout.options() if layout is not None and uses_layer(name) else {}
+
+
+def method_options(loaded: LoadedModel, methods: list[str], layout: TokenLayout | None, layer: str | None,
+                   class_target: bool) -> dict[str, dict]:
+    """Per-method options, after checking before any work that every method can run as asked: names,
+    class-only methods with a region target, and the token layer (see ``check_token_layer``)."""
+    options = {name: layer_options(name, layout) for name in methods}
+    for name in methods:
+        if not class_target and method_info(name).needs_class_target:
+            raise ConvlensError(f"{name} needs a class target; --target-region explains a score (the class "
+                                "summed over a region)")
+        try:
+            make_method(name, loaded.model, **options[name])  # validates the name and options
+        except ConvlensError as exc:
+            if not options[name]:
+                raise
+            raise ConvlensError(f"{name} cannot read a token layer (--tokens): {exc}") from None
+    if layout is not None and not any(uses_layer(m) for m in methods):
+        raise ConvlensError(f"--tokens applies to methods that read a layer (the CAM family); none of "
+                            f"{', '.join(methods)} does")
+    if any(uses_layer(m) for m in methods):
+        check_token_layer(loaded, layer, layout)
+    return options
 
 
 def file_safe(name: str) -> str:
@@ -231,15 +283,18 @@ class BatchResult:
 
 
 def explain_batch(loaded: LoadedModel, paths: list[Path], indices: list[int], x: torch.Tensor, methods: list[str],
-                  target: int | None, layer: str | None) -> BatchResult:
+                  target: int | None | RegionTarget, layer: str | None, options: dict[str, dict] | None = None
+                  ) -> BatchResult:
     """Predictions and every method's maps for the images ``paths[i] for i in indices`` (stacked in ``x``)."""
-    run = run_methods(loaded, x, methods, target, layer, progress=False)
+    run = run_methods(loaded, x, methods, target, layer, progress=False, options=options)
     rows = prediction_rows(loaded, [paths[i] for i in indices], predict(loaded, x), 5)
     first = run["results"][methods[0]]
     raw = {m: run["results"][m].raw.detach().cpu().numpy() for m in methods}
     maps = {m: run["results"][m].maps.detach().cpu().numpy() for m in methods}
+    region = f"{loaded.class_names[int(target.classes[0])]} in region" if isinstance(target, RegionTarget) \
+        else "custom target"
     images = [ImageResult(i, row, x[k].cpu(), {m: raw[m][k] for m in methods}, {m: maps[m][k] for m in methods},
-                          loaded.class_names[int(first.targets[k])] if first.target.is_class else "custom target")
+                          loaded.class_names[int(first.targets[k])] if first.target.is_class else region)
               for k, (row, i) in enumerate(zip(rows, indices))]
     return BatchResult(images, run["seconds"], {m: run["results"][m].layer for m in methods})
 
@@ -283,35 +338,39 @@ class ExplainWriter:
 
 def explain(loaded: LoadedModel, items, out: str | Path, methods: list[str] | None = None,
             target: str | None = None, layer: str | None = None, progress: bool = True,
-            overlays: list[str] | None = None, batch_size: int | None = None) -> dict | None:
+            overlays: list[str] | None = None, batch_size: int | None = None, region: str | None = None,
+            tokens: TokenLayout | None = None) -> dict | None:
     """Predictions, one side-by-side figure per image (contact sheets past CONTACT_SHEET_THRESHOLD
     images), overlays of the methods in ``overlays`` (default none), and every raw map in ``maps.npz``
     (rows in the order of ``summary["predictions"]``), all in ``out``.
 
     Images go through in batches of ``batch_size`` (default: what fits in memory, at most 32), so
-    memory stays flat in the number of images. Under torchrun each rank explains a contiguous block
+    memory stays flat in the number of images. ``target``: a class index or name; ``region``: for a
+    segmentation model, 'CLASS:MASK.png' or 'CLASS:x0,y0,x1,y1' (:mod:`convlens.explain_targets`);
+    ``tokens``: how CAM methods read a token layer (default: the profile's ``explain_tokens``). Under torchrun each rank explains a contiguous block
     of the images and rank 0 writes everything (:func:`sharded_explain`; other ranks return None).
     """
     from . import distributed
 
-    methods = expand_methods(methods, loaded)
-    for name in methods:
-        make_method(name, loaded.model)  # validate names before any work
     if layer is not None:
         resolve_layer(loaded.model, layer)
-    target_index = parse_target(target, loaded)
+    target_index = resolve_explain_target(loaded, target, region)
+    class_target = not isinstance(target_index, RegionTarget)
+    layout = token_layout(loaded, layer, tokens)
+    methods = expand_methods(methods, loaded, layout, class_target)
+    options = method_options(loaded, methods, layout, layer, class_target)  # every check before any work
     paths = expand_image_paths(items)
     check_out_not_input(out, items)
     plan = explain_plan(loaded, methods, batch_size)
     if distributed.active():
-        return sharded_explain(loaded, paths, out, methods, target_index, layer, progress, overlays, plan)
+        return sharded_explain(loaded, paths, out, methods, target_index, layer, progress, overlays, plan, options)
     writer = ExplainWriter(loaded, ensure_dir(out), paths, methods, overlays)
     reporter = SkipReporter()
     bar = progress_of(desc="images", total=len(paths), unit="image", enabled=progress)
     try:
         for indices, x in iter_image_batches(paths, image_mode(loaded), loaded.preprocess, plan.batch_size,
                                              reporter):
-            writer.add(explain_batch(loaded, paths, indices, x, methods, target_index, layer))
+            writer.add(explain_batch(loaded, paths, indices, x, methods, target_index, layer, options))
             bar.update(len(indices))
         writer.close()
     finally:
@@ -321,8 +380,9 @@ def explain(loaded: LoadedModel, items, out: str | Path, methods: list[str] | No
 
 
 def sharded_explain(loaded: LoadedModel, paths: list[Path], out: str | Path, methods: list[str],
-                    target: int | None, layer: str | None, progress: bool, overlays: list[str] | None,
-                    plan: BatchPlan) -> dict | None:
+                    target: int | None | RegionTarget, layer: str | None, progress: bool,
+                    overlays: list[str] | None, plan: BatchPlan, options: dict[str, dict] | None = None
+                    ) -> dict | None:
     """:func:`explain` under torchrun: the images go in steps of ≤ ``plan.batch_size`` (at most ⌈n/W⌉, so
     every rank gets work), dealt to the ranks round-robin (``distributed.deal``: fault hook, peer checks,
     one progress bar); after each round rank 0 receives the round's per-image results in dataset order
@@ -336,7 +396,7 @@ def sharded_explain(loaded: LoadedModel, paths: list[Path], out: str | Path, met
 
     def compute(lo: int, hi: int) -> tuple[list[BatchResult], list[str]]:
         reporter = SliceReporter()
-        batches = [explain_batch(loaded, paths, [lo + i for i in indices], x, methods, target, layer)
+        batches = [explain_batch(loaded, paths, [lo + i for i in indices], x, methods, target, layer, options)
                    for indices, x in iter_image_batches(paths[lo:hi], image_mode(loaded), loaded.preprocess,
                                                         plan.batch_size, reporter)]
         return batches, reporter.failures

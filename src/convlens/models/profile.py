@@ -13,8 +13,11 @@ Profile JSON (every key optional)::
      "interpolation": "bilinear" | "bicubic" | "nearest",
      "scale": 0.00392156862745098, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
      "class_names": "names.txt" | ["cat", "dog"], "stats_layers": ["layer1", "layer2"],
-     "explain_layer": "layer4", "name": "my-resnet"}
+     "explain_layer": "layer4", "explain_tokens": {"drop_tokens": 1, "grid": [14, 14]}, "name": "my-resnet"}
 
+``explain_tokens`` (``true`` or an object): the explain layer is a token layer (N, T, C); CAM methods read it
+as a grid after dropping ``drop_tokens`` leading tokens (default 0), ``grid`` [h, w] unless it is square.
+A segmentation model (output (N, C, H, W)) gets ``output_grid`` = (H, W); its C channels are the classes.
 A pixel p ∈ [0, 255] becomes ``(p · scale − mean) / std`` per channel.
 """
 from __future__ import annotations
@@ -34,7 +37,7 @@ from ..errors import ConvlensError
 
 INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 PROFILE_KEYS = {"input_size", "channel_order", "resize", "crop_fraction", "interpolation", "scale", "mean", "std",
-                "class_names", "stats_layers", "explain_layer", "name"}
+                "class_names", "stats_layers", "explain_layer", "explain_tokens", "name"}
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,41 @@ class Preprocessing:
 
 
 @dataclass(frozen=True)
+class TokenLayout:
+    """How a token layer (N, T, C) becomes a grid for the CAM family: the first ``drop_tokens`` tokens
+    dropped, the rest in an (h, w) ``grid`` (square when None)."""
+
+    drop_tokens: int = 0
+    grid: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.drop_tokens, bool) or not isinstance(self.drop_tokens, int) or self.drop_tokens < 0:
+            raise ConvlensError(f"drop_tokens must be a non-negative integer, got {self.drop_tokens!r}")
+        if self.grid is not None and (len(self.grid) != 2 or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in self.grid)):
+            raise ConvlensError(f"the token grid must be two positive integers [h, w], got {self.grid!r}")
+
+    def options(self) -> dict[str, Any]:
+        """The method options that read the layer this way."""
+        return {"reshape": "tokens", "drop_tokens": self.drop_tokens, "grid": self.grid}
+
+
+def token_layout_from(value: Any) -> TokenLayout | None:
+    """A profile's ``explain_tokens``: false/absent → None, true → square grid, {"drop_tokens", "grid"}."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return TokenLayout()
+    if not isinstance(value, dict) or set(value) - {"drop_tokens", "grid"}:
+        raise ConvlensError(f"profile: 'explain_tokens' must be true or an object with drop_tokens and grid, "
+                            f"got {value!r}")
+    grid = value.get("grid")
+    if grid is not None and not isinstance(grid, list):
+        raise ConvlensError(f"profile: 'explain_tokens' grid must be [h, w], got {grid!r}")
+    return TokenLayout(value.get("drop_tokens", 0), tuple(grid) if grid is not None else None)
+
+
+@dataclass(frozen=True)
 class EvaluationDefaults:
     """Defaults of ``convlens evaluate`` for a model (small inputs afford more work per image)."""
 
@@ -155,6 +193,8 @@ class ModelProfile:
     from_unit: Callable[[torch.Tensor], torch.Tensor] | None = None
     stats_layers: list[str] | None = None
     explain_layer: str | None = None
+    explain_tokens: TokenLayout | None = None  # the explain layer is a token layer read this way
+    output_grid: tuple[int, int] | None = None  # (H, W) of a segmentation output (N, C, H, W); None: (N, classes)
     evaluation: EvaluationDefaults = field(default_factory=EvaluationDefaults)
     randomization_groups: Callable[[nn.Module], list] | None = None
     dataset: str | None = None  # "mnist": the shipped MNIST is this model's data
@@ -223,15 +263,19 @@ def default_stats_layers(model: nn.Module, example: torch.Tensor, count: int = 3
     return list(dict.fromkeys(pool[round((i + 1) * len(pool) / count) - 1] for i in range(count)))
 
 
-def output_classes(model: nn.Module, example: torch.Tensor) -> int:
-    """Number of model outputs, from one forward of ``example``."""
+def output_classes(model: nn.Module, example: torch.Tensor) -> tuple[int, tuple[int, int] | None]:
+    """(number of classes, output grid) from one forward of ``example``: (K, None) for (N, K) scores,
+    (C, (H, W)) for a segmentation output (N, C, H, W)."""
     from ..attribution.base import select_output
 
     with torch.no_grad():
         out = select_output(model(example), None)
+    if out.dim() == 4:
+        return int(out.shape[1]), (int(out.shape[2]), int(out.shape[3]))
     if out.dim() != 2:
-        raise ConvlensError(f"the model returns shape {tuple(out.shape)}: convlens needs (N, classes) scores")
-    return int(out.shape[1])
+        raise ConvlensError(f"the model returns shape {tuple(out.shape)}: convlens needs (N, classes) scores "
+                            "or a segmentation output (N, C, H, W)")
+    return int(out.shape[1]), None
 
 
 def read_class_names(spec: str | Sequence[str], base: Path | None = None) -> list[str]:
@@ -269,9 +313,10 @@ def read_profile_json(path: str | Path) -> dict[str, Any]:
         raise ConvlensError(f"profile {path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(PROFILE_KEYS))}")
     checks = {"input_size": (int, list), "channel_order": str, "resize": str, "crop_fraction": (int, float),
               "interpolation": str, "scale": (int, float), "mean": (int, float, list), "std": (int, float, list),
-              "class_names": (str, list), "stats_layers": list, "explain_layer": str, "name": str}
+              "class_names": (str, list), "stats_layers": list, "explain_layer": str, "explain_tokens": (bool, dict),
+              "name": str}
     for key, types in checks.items():
-        if key in data and (not isinstance(data[key], types) or isinstance(data[key], bool)):
+        if key in data and (not isinstance(data[key], types) or (isinstance(data[key], bool) and types != (bool, dict))):
             raise ConvlensError(f"profile {path}: {key!r} has the wrong type ({type(data[key]).__name__})")
     data["_base"] = path.parent
     return data
@@ -323,7 +368,7 @@ def profile_for(model: nn.Module, name: str, spec: dict[str, Any] | None = None)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     example = torch.zeros(1, pre.channels, *pre.size, device=device)
     try:
-        classes = output_classes(model, example)
+        classes, grid = output_classes(model, example)
     except ConvlensError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of a user model's forward
@@ -337,11 +382,15 @@ def profile_for(model: nn.Module, name: str, spec: dict[str, Any] | None = None)
     from ..hooks import resolve_layer
     for layer in list(spec.get("stats_layers", [])) + ([spec["explain_layer"]] if "explain_layer" in spec else []):
         resolve_layer(model, layer)
+    tokens = token_layout_from(spec.get("explain_tokens"))
+    if tokens is not None and "explain_layer" not in spec:
+        raise ConvlensError("profile: 'explain_tokens' needs 'explain_layer' (the token layer)")
     return ModelProfile(name=spec.get("name", name), class_names=names, preprocess=pre, deprocess=pre.deprocess,
                         input_shape=(pre.channels, *pre.size), value_range=pre.value_range,
                         image_mode=pre.image_mode, from_unit=pre.from_unit,
                         stats_layers=spec.get("stats_layers") or default_stats_layers(model, example),
-                        explain_layer=spec.get("explain_layer"), evaluation=small_input_defaults(pre.size))
+                        explain_layer=spec.get("explain_layer"), explain_tokens=tokens, output_grid=grid,
+                        evaluation=small_input_defaults(pre.size))
 
 
 def small_input_defaults(size: tuple[int, int]) -> EvaluationDefaults:
