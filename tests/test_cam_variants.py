@@ -233,6 +233,33 @@ def test_fullgrad_completeness_and_map(x):
     assert torch.allclose(res.maps, want, atol=1e-5)
 
 
+class TokenReluNet(nn.Module):
+    """Piecewise linear with linear layers on tokens (N, T, C), T ≠ C: their bias lies along the last axis."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.embed = nn.Conv2d(3, 4, 5, stride=5)  # 10×10 → a 2×2 grid: T = 4 tokens
+        self.up = nn.Linear(4, 6)                   # 6 features per token: T ≠ C
+        self.mix = nn.Linear(4, 4)                  # across tokens, applied to (N, 6, 4)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        t = torch.relu(self.up(torch.relu(self.embed(x)).flatten(2).transpose(1, 2)))   # (N, 4, 6)
+        t = torch.relu(self.mix(t.transpose(1, 2))).transpose(1, 2)                     # (N, 4, 6)
+        return self.fc(t.mean(1))
+
+
+def test_fullgrad_completeness_with_linear_layers_on_tokens(x):
+    """y = Σ ∇_x y ⊙ x + Σ_layers Σ ∇_z y ⊙ b, each linear layer's bias on the axis it is added to."""
+    net = TokenReluNet().eval()
+    input_part, parts, explained, _ = FullGrad(net).decompose(x, TARGETS)
+    assert set(parts) == {"embed", "up", "mix", "fc"} and parts["up"].shape == (3, 4, 6)
+    total = input_part.flatten(1).sum(1) + sum(p.flatten(1).sum(1) for p in parts.values())
+    assert torch.allclose(total, explained, atol=1e-4)
+    assert attribute("fullgrad", net, x, target=TARGETS).maps.abs().sum() > 0
+
+
 def test_fused_cam_is_mean_of_scaled_layer_maps(net, x):
     layers = ["act1", "act2"]
     fused = attribute("fusedcam", net, x, target=TARGETS, layer=",".join(layers))

@@ -344,8 +344,9 @@ class FullGrad(Method):
         for (n, b), g in zip(ran, grads[1:]):
             if g is None:
                 continue
-            shape = [1, -1] + [1] * (g.dim() - 2)
-            parts[n] = g * b.view(shape)
+            # a linear layer adds its bias along the last axis (also on (N, tokens, features)); conv and
+            # batch norm along the channel axis 1
+            parts[n] = g * b if isinstance(named[n], nn.Linear) else g * b.view([1, -1] + [1] * (g.dim() - 2))
         return grads[0] * x.detach(), parts, explained.detach(), resolved
 
     def compute(self, x, target) -> Attribution:
