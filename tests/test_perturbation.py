@@ -203,3 +203,24 @@ def test_occlusion_window_as_fraction(net, x):
     frac = attribute("occlusion", net, x, target=TARGETS, window=0.25, stride=0.25)
     pixels = attribute("occlusion", net, x, target=TARGETS, window=3, stride=3)
     assert torch.equal(frac.raw, pixels.raw)
+
+
+def test_repeated_coalitions_are_scored_once(net, x):
+    """32 random draws over 4 features repeat coalitions: each distinct one costs one forward per image (the
+    full one none), and the fit is the fit of all 32 draws scored one by one."""
+    method = make_method("lime", net, features="grid", cells=2, samples=32, seed=1)
+    z = method.coalitions(4, "cpu")
+    distinct = torch.unique(z, dim=0)
+    assert len(distinct) < len(z)
+    calls = []
+    handle = net.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    try:
+        res = method.attribute(x, TARGETS)
+    finally:
+        handle.remove()
+    assert sum(calls) == len(x) * (1 + int((~distinct.all(1)).sum()))
+    labels = grid_labels(1, 12, 12, 2)[0]
+    for n in range(len(x)):
+        with torch.no_grad():
+            y = torch.stack([net((x[n] * row[labels].float())[None])[0, TARGETS[n]] for row in z])
+        assert torch.allclose(res.raw[n], method.fit(z, y)[labels], atol=1e-5)

@@ -189,8 +189,15 @@ class FeatureMethod(PerturbationMethod):
         return feature_labels(self.features, x, self.cells, self.segments)
 
     def coalition_scores(self, x, base, labels, coalitions: list[torch.Tensor], clean, target: Target):
-        """Scores of each sample's coalitions (rows of ``coalitions[n]``, (S_n, F_n) bool); when every image
-        has the same labels and coalitions (a grid) they run through the shared, broadcast path."""
+        """Scores of each sample's coalitions (rows of ``coalitions[n]``, (S_n, F_n) bool). A coalition drawn
+        more than once (random draws over few features) is scored once."""
+        distinct = [torch.unique(c, dim=0, return_inverse=True) for c in coalitions]
+        scores = self.distinct_coalition_scores(x, base, labels, [d for d, _ in distinct], clean, target)
+        return [s[inverse] for s, (_, inverse) in zip(scores, distinct)]
+
+    def distinct_coalition_scores(self, x, base, labels, coalitions: list[torch.Tensor], clean, target: Target):
+        """:meth:`coalition_scores` without the deduplication; when every image has the same labels and
+        coalitions (a grid) they run through the shared, broadcast path."""
         if all(torch.equal(labels[0], lab) and torch.equal(coalitions[0], c) for lab, c in zip(labels, coalitions)):
             shared = self.shared_masked_scores(x, base, lambda a, b: coalitions[0][a:b][:, labels[0]].float(),
                                                len(coalitions[0]), clean, target)
