@@ -360,7 +360,9 @@ class LIME(FeatureMethod):
     z: uniform random feature subsets (the first one complete), ``samples`` of them, from a generator
     seeded with ``seed``; weight π(z) = exp(−D(z, 1)²/σ²) with D the cosine distance to the full
     coalition and σ = ``kernel_width``; ridge penalty ``ridge`` on the coefficients, not the intercept.
-    The map paints each superpixel with its coefficient.
+    The map paints each superpixel with its coefficient. π is the paper's; the authors' ``lime`` package
+    weighs by √π (its default width 0.25 is ``kernel_width=0.25·√2`` here); Captum's default ``Lime``
+    measures the cosine distance between the perturbed images and fits a Lasso.
     """
 
     name = "lime"
