@@ -20,6 +20,7 @@ from convlens.explain import predict
 from convlens.explain_targets import RegionSpec, box_mask, parse_grid, parse_region, read_mask
 from convlens.models import load_model
 from convlens.models.profile import TokenLayout, token_layout_from
+from convlens.models.summary import describe
 
 SEG = str(ROOT / "tests" / "user_models" / "tinyseg.py") + ":build"
 VIT = str(ROOT / "tests" / "user_models" / "tinyvit.py") + ":build"
@@ -115,7 +116,10 @@ def test_profiles_of_the_segmentation_and_token_models(tmp_path):
     assert load_model(VIT).profile.output_grid is None
     profile = tmp_path / "p.json"
     profile.write_text(json.dumps({"explain_layer": "mixer", "explain_tokens": {"drop_tokens": 1}}))
-    assert load_model(VIT, profile=profile).profile.explain_tokens == TokenLayout(1, None)
+    vit = load_model(VIT, profile=profile)
+    assert vit.profile.explain_tokens == TokenLayout(1, None)
+    assert "explain layer: mixer (tokens, 1 dropped)" in describe(vit)
+    assert "classes: 0, 1, 2, 3 (segmentation: a 16×16 output grid)" in describe(seg)
     profile.write_text(json.dumps({"explain_tokens": True}))
     with pytest.raises(ConvlensError, match="needs 'explain_layer'"):
         load_model(VIT, profile=profile)

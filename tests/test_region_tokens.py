@@ -17,7 +17,7 @@ PER_PIXEL_SOFTMAX = {"sscam", "iscam", "rise"}
 OPTIONS = {"smoothgrad": {"samples": 2}, "integrated-gradients": {"steps": 4}, "smoothgrad-sq": {"samples": 2},
            "vargrad": {"samples": 2}, "smoothgradcam++": {"samples": 2}, "sscam": {"samples": 2},
            "iscam": {"samples": 2}, "rise": {"masks": 16}, "lime": {"samples": 16, "segments": 4},
-           "kernelshap": {"samples": 16}, "shapley-sampling": {"permutations": 1},
+           "kernel-shap": {"samples": 16}, "shapley-sampling": {"permutations": 1},
            "feature-ablation": {"cells": 2}, "gradient-shap": {"samples": 2}}
 
 

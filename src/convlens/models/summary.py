@@ -30,9 +30,11 @@ def describe(loaded: LoadedModel) -> str:
              f"input: {p.channels}×{p.size[0]}×{p.size[1]} ({p.image_mode}), values {p.value_range[0]:.4g} … "
              f"{p.value_range[1]:.4g}",
              f"preprocessing: {getattr(p.preprocess, '__name__', repr(p.preprocess))}",
-             f"classes: {names}",
+             f"classes: {names}" + (f" (segmentation: a {p.output_grid[0]}×{p.output_grid[1]} output grid)"
+                                    if p.output_grid is not None else ""),
              f"statistics layers: {', '.join(p.stats_layers or []) or '-'}",
-             f"explain layer: {p.explain_layer or 'automatic (last spatial layer before the head)'}",
+             f"explain layer: {p.explain_layer or 'automatic (last spatial layer before the head)'}"
+             + (f" (tokens, {p.explain_tokens.drop_tokens} dropped)" if p.explain_tokens is not None else ""),
              ""]
     if isinstance(loaded.model, LabNet):
         return "\n".join(lines + [summary_table(loaded.model)])
