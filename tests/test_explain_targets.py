@@ -233,3 +233,22 @@ def test_token_layers_on_the_command_line_write_the_apis_maps(tmp_path, image):
     assert proc.returncode == 0, proc.stderr
     assert_written_equal(tmp_path / "profile", expected)
     assert json.loads((tmp_path / "profile" / "predictions.json").read_text())["layers"]["gradcam"] == "mixer"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model, args, left_out", [
+    (SEG, ["--layer", "act2", "--target-region", "1:2,2,10,10"], {"cam", "scorecam"}),
+    (VIT, ["--layer", "mixer", "--tokens", "--drop-tokens", "1"], {"cam", "ablationcam"}),
+])
+def test_all_methods_run_on_a_segmentation_and_a_token_model(tmp_path, image, model, args, left_out):
+    """Left out: CAM and Score-CAM need a class target; CAM's head check reads the token layer unreshaped,
+    Ablation-CAM rewrites the layer output itself."""
+    from convlens.attribution import METHODS
+
+    proc = run_cli("explain", image, "--model", model, *args, "--methods", "all", "--out", tmp_path / "o", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "o" / "predictions.json").read_text())
+    assert summary["methods"] == [m for m in METHODS if m not in left_out]
+    maps = np.load(tmp_path / "o" / "maps.npz")
+    for name in summary["methods"]:
+        assert np.isfinite(maps[f"{name}_map"]).all() and np.abs(maps[f"{name}_map"]).sum() > 0, name
