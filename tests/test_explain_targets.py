@@ -4,7 +4,6 @@ The parsing and every bad input run in-process (``convlens.cli.main`` on tiny fa
 the runs whose written maps are compared with the API's run as subprocesses (slow).
 """
 import json
-import os
 from pathlib import Path
 
 import numpy as np
