@@ -110,6 +110,25 @@ def test_kernel_shap_enumerated_equals_captums_fit_of_every_coalition(net, x):
     assert torch.allclose(per_feature.sum(1), gap, atol=1e-5)
 
 
+def test_kernel_shap_on_superpixels_equals_captum_image_by_image(net, x):
+    """SLIC superpixels: each image its own features (Captum counts them over the batch, so one call per
+    image); all 2^F coalitions of each."""
+    method = make_method("kernel-shap", net, features="slic", segments=6, samples=254, baseline=0.1)
+    ours = method.attribute(x, TARGETS)
+    labels = method.labels(x)
+    for n in range(len(x)):
+        f = int(labels[n].max()) + 1
+        assert 2 ** f - 2 <= 254, f  # enumerated
+        captum = KernelShap(net)
+        captum.perturb_func = feeding(every_coalition(f), ends=True)
+        captum.similarity_func = shapley_kernel(f, captum.inf_weight)
+        ref = captum.attribute(x[n:n + 1], baselines=0.1, target=TARGETS[n], n_samples=2 ** f,
+                               feature_mask=captum_feature_mask(labels[n:n + 1], x[n:n + 1]),
+                               perturbations_per_eval=64)
+        assert ours.raw[n].abs().max() > 1e-2
+        assert torch.allclose(ours.raw[n], ref[0, 0], atol=2e-5 * float(ref.abs().max())), n
+
+
 @pytest.mark.parametrize("samples, seed", [(40, 3), (200, 0)])
 def test_kernel_shap_sampled_equals_captum_on_the_same_draws(net, x, samples, seed):
     labels = grid_labels(len(x), 12, 12, 4)  # 16 features: sampled, not enumerated
