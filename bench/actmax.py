@@ -2,11 +2,12 @@
 against the same 80 images one at a time with the same code and a plain batched Adam + TV loop.
 
     python bench/actmax.py [--model RUN] [--threads 2]       targets: speed-up ≥ 5×, engine ≤ plain loop
-    python bench/actmax.py --realism --model RUN [--modes default,kerasvis,generator] [--seeds 0]
+    python bench/actmax.py --realism --model RUN[,RUN2,...] [--modes default,kerasvis,generator] [--seeds 0]
 
---realism runs `convlens actmax` as a user would, for each mode (prior) and seed, and prints what the
-independent judge recognizes per tv weight, the chosen weight, the pairs and the seconds
-(targets, default mode: ≥ 9 of 10 class images at the chosen weight, ≥ 3 of 4 pairs).
+--realism runs `convlens actmax` as a user would, for each network, mode (prior) and seed, and prints what
+the independent judge recognizes per tv weight (class images and pairs), the chosen weight, each pair's
+weight and verdict, and the seconds (targets, default mode and generator prior: ≥ 9 of 10 class images at
+the chosen weight, ≥ 3 of 4 pairs with both digits in the judge's top two).
 """
 from __future__ import annotations
 
@@ -42,31 +43,51 @@ def plain_loop(model, classes, weights, steps):
         p.requires_grad_(True)
 
 
-def realism(model_spec: str, modes: list[str], seeds: list[int], steps: int) -> None:
+def realism_lines(name: str, model: str, seed: int, s: dict) -> list[str]:
+    """One mode on one network: the judge's counts per tv weight (class images, pairs), the chosen weight,
+    each pair's weight and verdict, the seconds."""
+    judge = s["judge"]
+    counts = "  ".join(f"{w:g}:{c}" for w, c in zip(s["tv_weights"], judge["counts"]))
+    pair_counts = "  ".join(f"{w:g}:{c}" for w, c in zip(s["pair_tv_weights"], judge.get("pair_counts") or []))
+    pairs = [f"{r['targets'][0]}&{r['targets'][1]}@{r['tv_weight']:g}:{'yes' if r['judge_recognized'] else 'no'}"
+             f"({'/'.join(','.join(t) for t in r['judge_top_by'].values())})" for r in s["pairs"]]
+    k = s["tv_weights"].index(s["chosen_tv_weight"])
+    return [f"{name:9s} {model} seed {seed}: class images the judge recognizes per tv weight  {counts}",
+            f"{'':10s}chosen tv {s['chosen_tv_weight']:g} → {judge['counts'][k]}/{len(s['classes'])}",
+            f"{'':10s}pairs the judge recognizes per tv weight  {pair_counts}",
+            f"{'':10s}pairs, both in the judge's top two (CNN/MLP): {judge['pairs_recognized']}/{len(pairs)}  "
+            f"{' '.join(pairs)}",
+            f"{'':10s}seconds: sweep {s['seconds']['sweep']:.1f}, pairs {s['seconds'].get('pairs', 0):.1f}"]
+
+
+def realism(models: list[str], modes: list[str], seeds: list[int], steps: int) -> None:
+    """Run `convlens actmax` as a user would for every network, mode and seed; print the judge's verdicts and a
+    closing table (class images at the chosen weight, pairs, seconds)."""
     import tempfile
 
     from convlens.featvis.run import actmax
 
-    loaded = load_model(model_spec)
-    for name in modes:
-        mode, prior = ("kerasvis", "default") if name == "kerasvis" else ("default", name)
-        for seed in seeds:
-            with tempfile.TemporaryDirectory() as tmp:
-                s = actmax(loaded, tmp, steps=steps, mode=mode, prior=prior, seed=seed, progress=False)
-            judge = s["judge"]
-            counts = "  ".join(f"{w:g}:{c}" for w, c in zip(s["tv_weights"], judge["counts"]))
-            pairs = [f"{r['targets'][0]}&{r['targets'][1]}:{'yes' if r['judge_recognized'] else 'no'}"
-                     for r in s["pairs"]]
-            print(f"{name:9s} seed {seed}: judge counts per tv weight  {counts}\n"
-                  f"{'':18s}chosen tv {s['chosen_tv_weight']:g} ({s['choice']})\n"
-                  f"{'':18s}pairs, both in the judge's top two: {judge['pairs_recognized']}/{len(pairs)}  "
-                  f"{' '.join(pairs)}  (by one classifier alone: {judge['pairs_recognized_by']})\n{'':18s}seconds: sweep {s['seconds']['sweep']:.1f}, "
-                  f"pairs {s['seconds'].get('pairs', 0):.1f}", flush=True)
+    table = []
+    for model in models:
+        loaded = load_model(model)
+        for name in modes:
+            mode, prior = ("kerasvis", "default") if name == "kerasvis" else ("default", name)
+            for seed in seeds:
+                with tempfile.TemporaryDirectory() as tmp:
+                    s = actmax(loaded, tmp, steps=steps, mode=mode, prior=prior, seed=seed, progress=False)
+                print("\n".join(realism_lines(name, model, seed, s)), flush=True)
+                k = s["tv_weights"].index(s["chosen_tv_weight"])
+                table.append((model, name, seed, s["chosen_tv_weight"], s["judge"]["counts"][k],
+                              s["judge"]["pairs_recognized"], s["seconds"]["sweep"], s["seconds"].get("pairs", 0)))
+    print("\nnetwork | mode | seed | chosen tv | class images recognized | pairs recognized (of 4) | seconds sweep | "
+          "seconds pairs")
+    for row in table:
+        print("{} | {} | {} | {:g} | {} | {} | {:.1f} | {:.1f}".format(*row))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default=None, help="a run folder; --realism: several, comma-separated")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--realism", action="store_true")
@@ -75,7 +96,7 @@ def main() -> None:
     args = ap.parse_args()
     setup(args.threads)
     if args.realism:
-        realism(args.model or "convlens-out/train", args.modes.split(","),
+        realism((args.model or "convlens-out/train").split(","), args.modes.split(","),
                 [int(v) for v in args.seeds.split(",")], args.steps)
         return
     model = load_model(args.model).model if args.model else LabNet().eval()

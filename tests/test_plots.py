@@ -252,6 +252,17 @@ def figure_builders():
         "ranked maps": lambda p: splots.plot_ranked_maps(stats["l3"], "l3", p, names),
         "actmax sweep": lambda p: aplots.plot_sweep(torch.rand(80, 1, 28, 28), list(range(10)), tvs, 4,
                                                     rng.uniform(size=(8, 10)), loaded, p),
+        "actmax sweep with judge": lambda p: aplots.plot_sweep(
+            torch.rand(80, 1, 28, 28), list(range(10)), tvs, 4, rng.uniform(size=(8, 10)), loaded, p,
+            counts=[9] * 8, label="Activation maximization (pixels, mean-image start)", pair_counts=[3] * 8),
+        "actmax pair sweep": lambda p: aplots.plot_pair_sweep(
+            torch.rand(32, 1, 28, 28), [(1, 7), (4, 9), (0, 1), (7, 8)], tvs, [16, 5, 30, 11],
+            [{"judge_recognized": k % 3 == 0, "both_top2": k % 2 == 0, "judge_probability": 0.31} for k in range(32)],
+            loaded, p, label="Activation maximization (pixels, mean-image start)"),
+        "actmax pair judged": lambda p: aplots.plot_pair(
+            torch.rand(1, 28, 28), {"targets": [1, 7], "tv_weight": 4, "target_probabilities": [0.46, 0.37],
+                                    "judge_recognized": True, "judge_top_by": {"cnn": ["7", "1"], "mlp": ["1", "7"]}},
+            loaded, p),
         "actmax row": lambda p: aplots.plot_row(torch.rand(10, 1, 28, 28), [f"{i}\np=1.00" for i in range(10)],
                                                 "Class images at the chosen tv weight 4", p),
         "actmax pair": lambda p: aplots.plot_pair(torch.rand(1, 28, 28), {"targets": [1, 7], "tv_weight": 4,

@@ -81,6 +81,7 @@ class Verdict:
     probabilities: list[float]    # per image: the lowest probability of a target over targets and classifiers
     top: list[list[int]]          # per image: the CNN's top classes (as many as targets)
     by_classifier: list[dict[str, bool]] = None  # per image: {"cnn": …, "mlp": …} each classifier's verdict
+    top_by_classifier: list[dict[str, list[int]]] = None  # per image: {"cnn": top classes, "mlp": top classes}
 
     @property
     def count(self) -> int:
@@ -95,11 +96,12 @@ class Verdict:
 def judge_images(judge: nn.Module, images01: torch.Tensor, targets: list[list[int]]) -> Verdict:
     """Judge images given in [0, 1] (black background, like MNIST) against their target class(es)."""
     probs = judge(images01.detach().float().cpu()).softmax(2)  # (judges, B, classes)
-    recognized, target_probs, tops, each = [], [], [], []
+    recognized, target_probs, tops, each, tops_each = [], [], [], [], []
     for i, tgt in enumerate(targets):
         top = [probs[j, i].topk(len(tgt)).indices.tolist() for j in range(len(probs))]
         tops.append(top[0])
+        tops_each.append(dict(zip(CLASSIFIERS, top)))
         each.append({name: sorted(t) == sorted(tgt) for name, t in zip(CLASSIFIERS, top)})
         recognized.append(all(each[-1].values()))
         target_probs.append(min(float(probs[j, i, t]) for j in range(len(probs)) for t in tgt))
-    return Verdict(recognized, target_probs, tops, each)
+    return Verdict(recognized, target_probs, tops, each, tops_each)

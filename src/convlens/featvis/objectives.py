@@ -7,7 +7,7 @@ and never changes ``a`` or ``b``.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -130,3 +130,19 @@ def soft_min(*objectives: Objective, temperature: float = 1.0) -> Objective:
         return -temperature * torch.logsumexp(-stacked / temperature, dim=0)
     layers = frozenset().union(*(o.layers for o in objectives))
     return Objective(fn, layers, "softmin(" + ", ".join(map(str, objectives)) + ")")
+
+
+def strongest_other_logit(excluded: Sequence[int]) -> Objective:
+    """max_{c ∉ excluded} z_c, the highest logit outside ``excluded`` (its gradient reaches that class only)."""
+    excluded = sorted({int(c) for c in excluded})
+    if not excluded:
+        raise ConvlensError("strongest_other_logit needs at least one class to exclude")
+
+    def fn(o: Outputs) -> torch.Tensor:
+        z = o[LOGITS]
+        keep = torch.ones(z.shape[1], dtype=torch.bool, device=z.device)
+        keep[excluded] = False
+        if not bool(keep.any()):
+            raise ConvlensError(f"no class left outside {excluded}")
+        return z[:, keep].max(1).values
+    return Objective(fn, frozenset({LOGITS}), "max logit outside {" + ", ".join(map(str, excluded)) + "}")

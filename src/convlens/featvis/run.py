@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -12,7 +12,7 @@ from ..errors import ConvlensError
 from ..hooks import resolve_layer
 from ..io import ensure_dir, write_json
 from ..models.registry import LoadedModel
-from .objectives import Objective, channel, class_logit, soft_min
+from .objectives import Objective, channel, class_logit, soft_min, strongest_other_logit
 from .judge import CLASSIFIERS, judge_images, load_judge
 from .optimize import ActMaxConfig, ActMaxResult, maximize
 
@@ -24,6 +24,9 @@ CRITERION_JUDGE = (f"among the tv weights at which every class image is classifi
                    f"probability ≥ {CHOICE_PROBABILITY}, the one at which an independent judge (two classifiers of other "
                    f"shapes trained on the same data) recognizes the most class images; ties go to the "
                    f"higher mean judge probability, then to the smaller weight")
+PAIR_CRITERION = ("per pair, among the tv weights at which the network puts both targets in its top two (all "
+                  "weights if at none), the one whose image the judge recognizes; ties go to the higher judge "
+                  "probability, then to the smaller weight")
 CRITERION_OWN = (f"the largest tv weight at which every class image is classified as its target with "
                  f"probability ≥ {CHOICE_PROBABILITY} (else the weight with the best worst-case probability)")
 # Small grayscale networks (measured with bench/actmax.py --realism, docs/activation-maximization.md): start
@@ -32,14 +35,38 @@ GRAYSCALE_BORDER_DECAY = 200.0
 GRAYSCALE_DECAY = 20.0
 GRAYSCALE_INIT_NOISE = 0.05
 GENERATOR_RESTARTS = 4
+PAIR_RESTARTS = 1  # default and kerasvis modes
+PAIR_STEPS_FACTOR = 2
+PAIR_METHOD = "margin-objective, per-pair tv weight by the judge"  # in the lab's cache key: a change redoes the stage
 
 
 def pair_objective(a: int, b: int, mode: str) -> Objective:
-    """keras-vis maximizes the sum of both logits. The default mode maximizes the smooth minimum of both
-    logits, so the easier class cannot win alone (measured: better than the smooth minimum of log-probabilities)."""
+    """keras-vis maximizes the sum of both logits, z_a + z_b. The default mode maximizes the margin
+
+        softmin(z_a, z_b) − max_{c ∉ {a, b}} z_c,   softmin(u, v) = −log(e^−u + e^−v),
+
+    so the easier class cannot win alone (the smooth minimum, measured better than that of the
+    log-probabilities) and no third class may rise with them (measured: docs/activation-maximization.md)."""
     if mode == "kerasvis":
         return class_logit(a) + class_logit(b)
-    return soft_min(class_logit(a), class_logit(b), temperature=1.0)
+    return soft_min(class_logit(a), class_logit(b), temperature=1.0) - strongest_other_logit((a, b))
+
+
+def choose_pair_weight(tv_weights: Sequence[float], both_top2: Sequence[bool], recognized: Sequence[bool],
+                       judge_probability: Sequence[float]) -> tuple[int, str]:
+    """One pair's tv weight (its index) and why: among the weights at which the network puts both targets in
+    its top two (all weights if at none), the one whose image the judge recognizes; ties go to the higher
+    judge probability, then to the smaller weight.
+
+    A weight's key depends only on that weight's image, so adding weights that are not better never moves
+    the choice."""
+    eligible = [i for i, ok in enumerate(both_top2) if ok] or list(range(len(tv_weights)))
+    i = min(eligible, key=lambda j: (not recognized[j], -judge_probability[j], tv_weights[j]))
+    network = ("the network puts both in its top two" if both_top2[i]
+               else "the network puts both in its top two at no weight")
+    verdict = "recognized" if recognized[i] else "not recognized"
+    return i, (f"{network}; the judge: {verdict} at {sum(map(bool, recognized))} of {len(tv_weights)} weights, "
+               f"probability {judge_probability[i]:.3f} at this one")
 
 
 def choose_by_own_probability(tv_weights: Sequence[float], probs: np.ndarray) -> tuple[float, str]:
@@ -122,6 +149,83 @@ def maximize_with_restarts(model, objectives: list[Objective], shape, cfg: ActMa
                         batch.probabilities[best], batch.history)
 
 
+@dataclass
+class PairRun:
+    """Every pair optimized at every weight of ``tv_weights``; per pair, the image at its chosen weight."""
+    tv_weights: list[float]
+    sweep: ActMaxResult          # image i·P + j: pair j at weight i (P pairs)
+    sweep_records: list[dict]    # the same order
+    chosen_rows: list[int]       # per pair, its row in ``sweep``
+    records: list[dict]          # per pair, the record of the chosen image with the per-weight summary
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.sweep.display[self.chosen_rows]
+
+    def judge_counts(self) -> list[int]:
+        """Per weight: how many pairs the judge recognizes."""
+        p = len(self.records)
+        return [sum(r["judge_recognized"] for r in self.sweep_records[i * p:(i + 1) * p])
+                for i in range(len(self.tv_weights))]
+
+
+def pair_restarts(prior: str, restarts: int | None) -> int:
+    """Random starts per pair image: ``--restarts`` when given, else the mode's default for pairs."""
+    if restarts is not None:
+        return restarts
+    return GENERATOR_RESTARTS if prior == "generator" else PAIR_RESTARTS
+
+
+def optimize_pairs(model, objectives: list[Objective], tv_weights: list[float], shape, cfg: ActMaxConfig,
+                   restarts: int) -> ActMaxResult:
+    """Every pair objective at every weight in one batch (weight-major), with PAIR_STEPS_FACTOR × the steps:
+    two classes must both win. Per image the start the network scores highest is kept."""
+    objs = [o for _ in tv_weights for o in objectives]
+    tvs = [w for w in tv_weights for _ in objectives]
+    return maximize_with_restarts(model, objs, shape,
+                                  replace(cfg, tv_weight=tvs, steps=PAIR_STEPS_FACTOR * cfg.steps), restarts)
+
+
+def sweep_entry(record: dict) -> dict:
+    """What ``actmax.json`` keeps of a pair image at one weight of the sweep."""
+    keys = ("tv_weight", "target_probabilities", "top2", "both_top2", "judge_recognized", "judge_probability",
+            "judge_top_by", "judge_recognized_by")
+    return {k: record[k] for k in keys if k in record}
+
+
+def run_pairs(loaded: LoadedModel, pairs: list[tuple[int, int]], mode: str, tv_weights: list[float],
+              cfg: ActMaxConfig, restarts: int, judge) -> PairRun:
+    """Optimize the pairs at every weight and choose each pair's weight (``choose_pair_weight``; without a
+    judge ``tv_weights`` holds one weight)."""
+    objectives = [pair_objective(a, b, mode) for a, b in pairs]
+    sweep = optimize_pairs(loaded.model, objectives, tv_weights, loaded.profile.input_shape, cfg, restarts)
+    targets = [list(p) for _ in tv_weights for p in pairs]
+    records = image_records(sweep, [o for _ in tv_weights for o in objectives], targets,
+                            [w for w in tv_weights for _ in pairs],
+                            [f"pair{a}+{b}_tv{w:g}" for w in tv_weights for a, b in pairs], loaded.class_names)
+    for rec in records:
+        rec["both_top2"] = both_in_top2(rec, loaded.class_names)
+    if judge is not None:
+        add_verdicts(records, judge_images(judge, sweep.display, targets), loaded.class_names)
+    chosen_rows, kept = [], []
+    for j, (a, b) in enumerate(pairs):
+        rows = [i * len(pairs) + j for i in range(len(tv_weights))]
+        if judge is None:
+            i, why = 0, "the class images' tv weight (no judge for this model)"
+        else:
+            i, why = choose_pair_weight(tv_weights, [records[r]["both_top2"] for r in rows],
+                                        [records[r]["judge_recognized"] for r in rows],
+                                        [records[r]["judge_probability"] for r in rows])
+        chosen_rows.append(rows[i])
+        kept.append({**records[rows[i]], "name": f"pair{a}+{b}", "tv_choice": why,
+                     "sweep": [sweep_entry(records[r]) for r in rows]})
+    return PairRun(list(tv_weights), sweep, records, chosen_rows, kept)
+
+
+def both_in_top2(record: dict, class_names: list[str]) -> bool:
+    return sorted(record["top2"]) == sorted(class_names[t] for t in record["targets"])
+
+
 def per_image(weights, n: int) -> list[float]:
     values = [float(weights)] * n if isinstance(weights, (int, float)) else [float(w) for w in weights]
     if len(values) != n:
@@ -180,6 +284,7 @@ def actmax(loaded: LoadedModel, out, classes=range(10), tv_weights=LAB_TV_WEIGHT
     validate(loaded, classes, pairs, layer, channels, tv_weights, steps, prior, mode, restarts)
     shape = loaded.profile.input_shape
     base = base_config(loaded, steps, mode, seed, param, prior, progress)
+    pair_starts = pair_restarts(prior, restarts)
     restarts = (GENERATOR_RESTARTS if prior == "generator" else 1) if restarts is None else restarts
     judge = load_judge()[0] if dataset_of(loaded) == "mnist" else None
     timings = {}
@@ -205,21 +310,14 @@ def actmax(loaded: LoadedModel, out, classes=range(10), tv_weights=LAB_TV_WEIGHT
     else:
         chosen, why = choose_by_own_probability(tv_weights, probs)
 
-    pair_result, pair_records = None, []
+    pair_run = None
     if pairs:
         start = time.perf_counter()
-        pair_objs = [pair_objective(a, b, mode) for a, b in pairs]
-        # pairs are few and harder (two classes must both win): twice the steps, measured to be needed
-        pair_result = maximize_with_restarts(loaded.model, pair_objs, shape,
-                                             replace(base, tv_weight=chosen, steps=2 * steps), restarts)
+        # with a judge every pair gets its own weight from the sweep; without one, the class images' weight
+        pair_run = run_pairs(loaded, pairs, mode, tv_weights if judge is not None else [chosen], base,
+                             pair_starts, judge)
         timings["pairs"] = time.perf_counter() - start
-        pair_records = image_records(pair_result, pair_objs, [list(p) for p in pairs], [chosen] * len(pairs),
-                                     [f"pair{a}+{b}" for a, b in pairs], loaded.class_names)
-        for rec in pair_records:
-            rec["both_top2"] = sorted(rec["top2"]) == sorted(loaded.class_names[t] for t in rec["targets"])
-        if judge is not None:
-            add_verdicts(pair_records, judge_images(judge, pair_result.display, [list(p) for p in pairs]),
-                         loaded.class_names)
+    pair_records = pair_run.records if pair_run else []
 
     chan_result, chan_records = None, []
     if layer is not None and channels:
@@ -232,26 +330,37 @@ def actmax(loaded: LoadedModel, out, classes=range(10), tv_weights=LAB_TV_WEIGHT
 
     label = PRIOR_LABELS[prior if mode == "default" else "kerasvis"]
     counts = judged["counts"] if judged else None
+    pair_counts = pair_run.judge_counts() if pair_run and judge is not None else None
     figures = {"sweep": aplots.plot_sweep(sweep.display, classes, tv_weights, chosen, probs, loaded,
-                                          out / "sweep.png", counts=counts, label=label).name}
+                                          out / "sweep.png", counts=counts, label=label,
+                                          pair_counts=pair_counts).name}
     row = tv_weights.index(chosen)
     chosen_images = sweep.display[row * k:(row + 1) * k]
     figures["chosen"] = aplots.plot_row(chosen_images, [f"{loaded.class_names[c]}\np={probs[row, j]:.2f}"
                                                         for j, c in enumerate(classes)],
                                         f"{label}: class images at the chosen tv weight {chosen:g}",
                                         out / "chosen.png").name
-    for rec, img in zip(pair_records, pair_result.display if pair_result is not None else []):
-        figures[rec["name"]] = aplots.plot_pair(img, rec, loaded, out / f"{rec['name']}.png").name
+    if pair_run is not None:
+        for rec, img in zip(pair_records, pair_run.images):
+            figures[rec["name"]] = aplots.plot_pair(img, rec, loaded, out / f"{rec['name']}.png").name
+        if len(pair_run.tv_weights) > 1:
+            figures["pair_sweep"] = aplots.plot_pair_sweep(pair_run.sweep.display, pairs, pair_run.tv_weights,
+                                                           pair_run.chosen_rows, pair_run.sweep_records, loaded,
+                                                           out / "pair_sweep.png", label=label).name
     if chan_result is not None:
         figures["channels"] = aplots.plot_row(chan_result.display, [f"{layer}[{k}]" for k in channels],
                                               f"{layer}: images maximizing each channel (tv {chosen:g})",
                                               out / f"channels_{layer}.png").name
     images_dir = ensure_dir(out / "images")
     for rec, img in zip(records + pair_records + chan_records,
-                        torch.cat([r.display for r in (sweep, pair_result, chan_result) if r is not None])):
+                        torch.cat([sweep.display] + ([pair_run.images] if pair_run else [])
+                                  + ([chan_result.display] if chan_result is not None else []))):
         rec["image"] = "images/" + aplots.save_image(img, loaded, images_dir / f"{rec['name']}.png").name
         write_json(images_dir / f"{rec['name']}.json", rec)
     summary = {"mode": mode, "prior": prior, "label": label, "steps": steps, "seed": seed, "restarts": restarts,
+               "pair_restarts": pair_starts,
+               "pair_steps": PAIR_STEPS_FACTOR * steps, "pair_criterion": PAIR_CRITERION if judge is not None else None,
+               "pair_tv_weights": pair_run.tv_weights if pair_run else [],
                "classes": classes, "tv_weights": tv_weights, "chosen_tv_weight": chosen, "choice": why,
                "criterion": CRITERION_JUDGE if judge is not None else CRITERION_OWN,
                "probabilities": probs.tolist(), "images": records, "pairs": pair_records,
@@ -259,6 +368,7 @@ def actmax(loaded: LoadedModel, out, classes=range(10), tv_weights=LAB_TV_WEIGHT
     if judged is not None:
         summary["judge"] = {**judged, "description": JUDGE_DESCRIPTION, "test_accuracy": load_judge()[1]["test_accuracy"],
                             "pairs_recognized": sum(r["judge_recognized"] for r in pair_records),
+                            "pair_counts": pair_counts,
                             "pairs_recognized_by": {name: sum(r["judge_recognized_by"][name] for r in pair_records)
                                                     for name in CLASSIFIERS}}
     write_json(out / "actmax.json", summary)
@@ -274,8 +384,9 @@ JUDGE_DESCRIPTION = ("two classifiers of other shapes than the network (a stride
 
 
 def add_verdicts(records: list[dict], verdict, class_names: list[str]) -> None:
-    for rec, ok, p, top, each in zip(records, verdict.recognized, verdict.probabilities, verdict.top,
-                                     verdict.by_classifier):
+    for rec, ok, p, top, each, tops in zip(records, verdict.recognized, verdict.probabilities, verdict.top,
+                                           verdict.by_classifier, verdict.top_by_classifier):
         rec.update(judge_recognized=ok, judge_probability=p, judge_top=[class_names[t] for t in top],
-                   judge_recognized_by=each)
+                   judge_recognized_by=each,
+                   judge_top_by={name: [class_names[t] for t in top_classes] for name, top_classes in tops.items()})
 

@@ -64,31 +64,57 @@ def section_exercise1(metrics: dict, history: list, ex1: dict) -> tuple[str, dic
     return body, key
 
 
+def yes_no(ok) -> str:
+    return '<span class="ok">yes</span>' if ok else '<span class="bad">no</span>'
+
+
+def pair_section(ex2: dict, judge: dict | None) -> str:
+    """The pairs: per pair its tv weight (chosen per pair by the judge when there is one), the network's and the
+    judge's top two; the pair sweep figure and the chosen images."""
+    figs = ex2["figures"]
+    rows = []
+    for rec in ex2["pairs"]:
+        a, b = rec["targets"]
+        row = [f"{a} & {b}", f"{rec['tv_weight']:g}", f"{rec['target_probabilities'][0]:.3f}",
+               f"{rec['target_probabilities'][1]:.3f}", esc(", ".join(rec["top2"])), yes_no(rec.get("both_top2"))]
+        if judge:
+            tops = "; ".join(f"{name} {', '.join(top)}" for name, top in rec.get("judge_top_by", {}).items())
+            row += [esc(tops), yes_no(rec.get("judge_recognized"))]
+        rows.append(row)
+    headers = ["pair", "tv weight", "p(first)", "p(second)", "top two classes", "both on top"]
+    if judge:
+        headers += ["judge's top two", "judge: both on top"]
+    pair_figs = "".join(fig("actmax/" + figs[rec["name"]], f"{rec['targets'][0]} and {rec['targets'][1]} at once.")
+                        for rec in ex2["pairs"] if rec["name"] in figs)
+    sweep = ""
+    if "pair_sweep" in figs:
+        sweep = (f'<div class="obs">Each pair\'s tv weight: {esc(ex2["pair_criterion"])}. The judge puts both '
+                 f'digits on top for {judge["pairs_recognized"]} of {len(ex2["pairs"])} pairs.</div>\n'
+                 + fig("actmax/" + figs["pair_sweep"], "Rows: tv weight; columns: pair; framed: the weight chosen "
+                       "for the pair; ✓: both digits in the judge's top two; N: in the network's."))
+    return f"""<h3>Two outputs at once</h3>
+{table(headers, rows, {1, 2, 3})}
+{sweep}
+<div class="grid2">{pair_figs}</div>"""
+
+
 def section_exercise2(ex2: dict) -> tuple[str, dict]:
     chosen = ex2["chosen_tv_weight"]
     figs = ex2["figures"]
     judge = ex2.get("judge")
-    pair_rows = []
-    for rec in ex2["pairs"]:
-        a, b = rec["targets"]
-        ok = '<span class="ok">yes</span>' if rec.get("both_top2") else '<span class="bad">no</span>'
-        row = [f"{a} & {b}", f"{rec['target_probabilities'][0]:.3f}", f"{rec['target_probabilities'][1]:.3f}",
-               esc(", ".join(rec["top2"])), ok]
-        if judge:
-            row.append('<span class="ok">yes</span>' if rec.get("judge_recognized") else '<span class="bad">no</span>')
-        pair_rows.append(row)
     row = ex2["tv_weights"].index(chosen)
     probs = ex2["probabilities"][row]
-    pair_figs = "".join(fig("actmax/" + figs[rec["name"]], f"{rec['targets'][0]} and {rec['targets'][1]} at once.")
-                        for rec in ex2["pairs"] if rec["name"] in figs)
     n = len(ex2["classes"])
     judge_html = ""
     if judge:
+        pair_counts = judge.get("pair_counts") or []
         rows = [[f"{w:g}" + (" ◀" if w == chosen else ""), f"{c}/{n}", f"{m:.3f}", f"{min(p):.3f}"]
-                for w, c, m, p in zip(ex2["tv_weights"], judge["counts"], judge["mean_probability"],
-                                      ex2["probabilities"])]
+                + ([f"{pair_counts[i]}/{len(ex2['pairs'])}"] if pair_counts else [])
+                for i, (w, c, m, p) in enumerate(zip(ex2["tv_weights"], judge["counts"], judge["mean_probability"],
+                                                     ex2["probabilities"]))]
+        headers = ["tv weight", "judge recognizes", "judge mean p", "network's worst p"]
         judge_html = f"""<p>Judge: {esc(judge["description"])}.</p>
-{table(["tv weight", "judge recognizes", "judge mean p", "network's worst p"], rows, {1, 2, 3})}"""
+{table(headers + (["pairs the judge recognizes"] if pair_counts else []), rows, {1, 2, 3, 4})}"""
     label = ex2.get("label", "Activation maximization")
     body = f"""
 <section id="ex2"><h2>Exercise 2 — activation maximization</h2>
@@ -99,15 +125,13 @@ def section_exercise2(ex2: dict) -> tuple[str, dict]:
 At this weight the class images are classified as their target with probability {min(probs):.3f} to {max(probs):.3f}.</div>
 {judge_html}
 {fig("actmax/" + figs['chosen'], f"The ten class images at tv weight {chosen:g}.")}
-<h3>Two outputs at once</h3>
-{table(["pair", "p(first)", "p(second)", "top two classes", "both on top"] + (["judge: both on top"] if judge else []),
-       pair_rows, {1, 2})}
-<div class="grid2">{pair_figs}</div>
+{pair_section(ex2, judge)}
 </section>"""
     key = {"chosen_tv_weight": chosen, "class_probabilities_at_chosen": probs,
            "pairs": {f"{r['targets'][0]}+{r['targets'][1]}": r["target_probabilities"] for r in ex2["pairs"]}}
     if judge:
         key["judge_counts"] = dict(zip(map(str, ex2["tv_weights"]), judge["counts"]))
+        key["pairs_judge_recognized"] = judge.get("pairs_recognized")
     return body, key
 
 

@@ -83,13 +83,14 @@ def stage_exercise1(opts: LabOptions, model_key: str, timings: dict) -> dict:
 
 def stage_exercise2(opts: LabOptions, model_key: str, timings: dict) -> dict:
     from ..featvis.judge import JUDGE_VERSION
-    from ..featvis.run import actmax
+    from ..featvis.run import PAIR_METHOD, actmax
     from ..models import load_model
 
     loaded = load_model(str(opts.out / "train"))
     steps = 30 if opts.fast else 200
-    # the judge's version in the key: a lab folder made before the judge (or with another one) is redone
-    return run_stage(opts, "actmax", {"model": model_key, "steps": steps, "seed": opts.seed, "judge": JUDGE_VERSION},
+    # the judge's version and the pair method in the key: a lab folder made before them is redone
+    return run_stage(opts, "actmax", {"model": model_key, "steps": steps, "seed": opts.seed, "judge": JUDGE_VERSION,
+                                      "pairs": PAIR_METHOD},
                      lambda d: actmax(loaded, d, steps=steps, seed=opts.seed, progress=opts.progress), timings)
 
 
