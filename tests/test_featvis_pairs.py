@@ -99,6 +99,7 @@ def untrained_lab(monkeypatch):
     from convlens.models.registry import lab_profile
 
     monkeypatch.setattr(run, "load_judge", lambda: (FakeJudge(), {"test_accuracy": {"cnn": 0.0, "mlp": 0.0}}))
+    monkeypatch.setattr(run, "PAIR_START_POOL", 1000)  # the pairs' start from 1000 training images: fast
     torch.manual_seed(0)
     return LoadedModel(LabNet().eval(), lab_profile("untrained"))
 
@@ -111,6 +112,7 @@ def test_actmax_json_records_each_pairs_weight_choice(untrained_lab, tmp_path):
     saved = json.loads((tmp_path / "actmax.json").read_text())
     assert saved["pairs"] == json.loads(json.dumps(s["pairs"]))
     assert saved["pair_tv_weights"] == [1.0, 4.0] and saved["pair_steps"] == 8 and saved["pair_restarts"] == 1
+    assert all(p["start_judge_recognized"] in (True, False) for p in saved["pairs"])
     judge = saved["judge"]
     for i, w in enumerate(saved["pair_tv_weights"]):
         assert judge["pair_counts"][i] == sum(p["sweep"][i]["judge_recognized"] for p in saved["pairs"])
@@ -171,12 +173,48 @@ def test_restarts_keep_the_start_the_network_scores_highest():
     torch.manual_seed(0)
     model = LabNet().eval()
     objs = [pair_objective(1, 7, "default"), pair_objective(4, 9, "default")]
-    cfg = ActMaxConfig(steps=6, tv_weight=[1.0, 2.0], seed=3)
+    starts = torch.stack([torch.full((1, 28, 28), 0.1), torch.full((1, 28, 28), 0.3)])  # one start per objective
+    cfg = ActMaxConfig(steps=6, tv_weight=[1.0, 2.0], seed=3, init=starts)
     best = maximize_with_restarts(model, objs, (1, 28, 28), cfg, restarts=3)
     for i, obj in enumerate(objs):
-        alone = [maximize(model, [obj], (1, 28, 28), ActMaxConfig(steps=6, tv_weight=cfg.tv_weight[i], seed=3000 + r))
+        alone = [maximize(model, [obj], (1, 28, 28),
+                          ActMaxConfig(steps=6, tv_weight=cfg.tv_weight[i], seed=3000 + r, init=starts[i]))
                  for r in range(3)]
         values = [float(a.objective[0]) for a in alone]
         r = max(range(3), key=values.__getitem__)
         assert float(best.objective[i]) == pytest.approx(values[r], abs=1e-4)
         assert torch.allclose(best.images[i], alone[r].images[0], atol=1e-5)
+
+
+class NearestToTarget(nn.Module):
+    """Logits: z_a = z_b = −‖x − t‖², every other class 0 — the pair margin ranks images by closeness to t."""
+
+    def __init__(self, t, a, b):
+        super().__init__()
+        self.t, self.a, self.b = t, a, b
+        self.anchor = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        d = -(x - self.t).pow(2).flatten(1).sum(1)
+        z = torch.zeros(len(x), 10)
+        z[:, self.a] = d
+        z[:, self.b] = d
+        return z
+
+
+def test_pair_start_is_the_mean_of_the_networks_most_pair_like_training_images():
+    from convlens.data.mnist import load_mnist
+    from convlens.featvis.run import pair_start_images
+    from convlens.models import LoadedModel
+    from convlens.models.registry import lab_profile
+
+    x, _ = load_mnist("train").tensors()
+    pool = x[:500]
+    t = pool[17]
+    loaded = LoadedModel(NearestToTarget(t, 1, 7), lab_profile("stub"))
+    start = pair_start_images(loaded, [pair_objective(1, 7, "default")], k=3, pool=500)
+    nearest = (pool - t).pow(2).flatten(1).sum(1).topk(3, largest=False).indices
+    assert 17 in nearest.tolist()
+    assert start.shape == (1, 1, 28, 28)
+    assert torch.allclose(start[0], pool[nearest].mean(0), atol=1e-6)
+    assert torch.allclose(pair_start_images(loaded, [pair_objective(7, 1, "default")], k=1, pool=500)[0], t)

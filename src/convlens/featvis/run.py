@@ -12,7 +12,7 @@ from ..errors import ConvlensError
 from ..hooks import resolve_layer
 from ..io import ensure_dir, write_json
 from ..models.registry import LoadedModel
-from .objectives import Objective, channel, class_logit, soft_min, strongest_other_logit
+from .objectives import LOGITS, Objective, channel, class_logit, soft_min, strongest_other_logit
 from .judge import CLASSIFIERS, judge_images, load_judge
 from .optimize import ActMaxConfig, ActMaxResult, maximize
 
@@ -35,6 +35,8 @@ GRAYSCALE_BORDER_DECAY = 200.0
 GRAYSCALE_DECAY = 20.0
 GRAYSCALE_INIT_NOISE = 0.05
 GENERATOR_RESTARTS = 4
+PAIR_START_TOP = 32  # default mode: pairs start from the mean of the network's 32 most pair-like training images
+PAIR_START_POOL = 20000  # … among the first 20000 (one forward pass, about 0.5 s on one core)
 PAIR_RESTARTS = 1  # default and kerasvis modes
 PAIR_STEPS_FACTOR = 2
 PAIR_METHOD = "margin-objective, per-pair tv weight by the judge"  # in the lab's cache key: a change redoes the stage
@@ -100,6 +102,31 @@ def dataset_of(loaded: LoadedModel) -> str | None:
     return loaded.profile.dataset
 
 
+def repeat_per_image(init: torch.Tensor | None, n: int, dims: int, times: int) -> torch.Tensor | None:
+    """One start image per objective, (n, C, H, W), repeated ``times`` each; a shared start stays as it is."""
+    if init is None or init.dim() == dims or init.shape[0] == 1 or init.shape[0] != n:
+        return init
+    return init.repeat_interleave(times, dim=0)
+
+
+def pair_start_images(loaded: LoadedModel, objectives: list[Objective], k: int | None = None,
+                      pool: int | None = None) -> torch.Tensor:
+    """Per pair objective, the mean of the ``k`` images among the first ``pool`` MNIST training images that the
+    network scores highest on it (the network's own most pair-like digits), in the model's input range:
+    the pairs' data-informed start, as the training mean is the class images'. Shape (len(objectives), C, H, W)."""
+    from ..data.mnist import load_mnist
+
+    k, pool = k or PAIR_START_TOP, pool or PAIR_START_POOL
+    x, _ = load_mnist("train").tensors()
+    lo, hi = loaded.input_range
+    x = lo + (hi - lo) * x[:pool]
+    device = loaded.device
+    with torch.no_grad():
+        logits = torch.cat([loaded.model(x[i:i + 2000].to(device)) for i in range(0, len(x), 2000)])
+    starts = [x[objective({LOGITS: logits}).topk(min(k, len(x))).indices.cpu()].mean(0) for objective in objectives]
+    return torch.stack(starts)
+
+
 def training_mean_image(loaded: LoadedModel) -> torch.Tensor:
     """The mean MNIST training image, mapped into the model's input range."""
     from ..data.mnist import load_mnist
@@ -143,7 +170,8 @@ def maximize_with_restarts(model, objectives: list[Objective], shape, cfg: ActMa
         raise ConvlensError("restarts take one seed for all images")
     batch = maximize(model, [o for o in objectives for _ in range(restarts)], shape,
                      replace(cfg, tv_weight=[w for w in tv for _ in range(restarts)],
-                             seed=[seed * 1000 + r for _ in range(n) for r in range(restarts)]))
+                             seed=[seed * 1000 + r for _ in range(n) for r in range(restarts)],
+                             init=repeat_per_image(cfg.init, n, len(shape), restarts)))
     best = batch.objective.view(n, restarts).argmax(1) + torch.arange(n, device=batch.objective.device) * restarts
     return ActMaxResult(batch.images[best], batch.display[best], batch.objective[best], batch.tv[best],
                         batch.probabilities[best], batch.history)
@@ -198,6 +226,10 @@ def run_pairs(loaded: LoadedModel, pairs: list[tuple[int, int]], mode: str, tv_w
     """Optimize the pairs at every weight and choose each pair's weight (``choose_pair_weight``; without a
     judge ``tv_weights`` holds one weight)."""
     objectives = [pair_objective(a, b, mode) for a, b in pairs]
+    starts = None
+    if cfg.init is not None and cfg.decoder is None and mode == "default":  # the grayscale recipe's mean start
+        starts = pair_start_images(loaded, objectives)
+        cfg = replace(cfg, init=starts.repeat(len(tv_weights), 1, 1, 1))
     sweep = optimize_pairs(loaded.model, objectives, tv_weights, loaded.profile.input_shape, cfg, restarts)
     targets = [list(p) for _ in tv_weights for p in pairs]
     records = image_records(sweep, [o for _ in tv_weights for o in objectives], targets,
@@ -219,6 +251,11 @@ def run_pairs(loaded: LoadedModel, pairs: list[tuple[int, int]], mode: str, tv_w
         chosen_rows.append(rows[i])
         kept.append({**records[rows[i]], "name": f"pair{a}+{b}", "tv_choice": why,
                      "sweep": [sweep_entry(records[r]) for r in rows]})
+    if starts is not None and judge is not None:  # how much of the verdict the start alone would get
+        lo, hi = loaded.input_range
+        start_verdict = judge_images(judge, (starts - lo) / (hi - lo), [list(p) for p in pairs])
+        for rec, ok in zip(kept, start_verdict.recognized):
+            rec["start_judge_recognized"] = ok
     return PairRun(list(tv_weights), sweep, records, chosen_rows, kept)
 
 
