@@ -132,17 +132,18 @@ def test_actmax_json_records_each_pairs_weight_choice(untrained_lab, tmp_path):
     assert (tmp_path / saved["figures"]["pair_sweep"]).is_file()
 
 
-def test_pair_images_at_shared_weights_do_not_change_when_weights_are_added(untrained_lab, tmp_path):
-    from convlens.featvis.run import actmax
+def test_pair_images_at_shared_weights_do_not_change_when_weights_are_added(untrained_lab):
+    from convlens.featvis import run
 
-    small = actmax(untrained_lab, tmp_path / "a", classes=[3], tv_weights=[1.0, 4.0], pairs=[(0, 1)], steps=4,
-                   progress=False)
-    large = actmax(untrained_lab, tmp_path / "b", classes=[3], tv_weights=[1.0, 4.0, 64.0], pairs=[(0, 1)], steps=4,
-                   progress=False)
-    a, b = small["pairs"][0], large["pairs"][0]
+    cfg = run.base_config(untrained_lab, 4, "default", 0, "pixel", "default", False)
+    judge = run.load_judge()[0]
+    small = run.run_pairs(untrained_lab, [(0, 1)], "default", [1.0, 4.0], cfg, 1, judge)
+    large = run.run_pairs(untrained_lab, [(0, 1)], "default", [1.0, 4.0, 64.0], cfg, 1, judge)
+    assert torch.allclose(small.sweep.images, large.sweep.images[:2], atol=1e-5)
+    a, b = small.records[0], large.records[0]
     for x, y in zip(a["sweep"], b["sweep"][:2]):
-        assert x["target_probabilities"] == pytest.approx(y["target_probabilities"], abs=1e-5)
         assert x["judge_recognized"] == y["judge_recognized"]
+        assert x["judge_probability"] == pytest.approx(y["judge_probability"], abs=1e-5)
     if b["tv_weight"] != a["tv_weight"]:  # only a better image at the added weight may take over
         assert b["tv_weight"] == 64.0
         e = b["sweep"][2]
