@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior", choices=["default", "generator"], default="default",
                    help="generator: optimize the latent code of a small MNIST VAE (what the network accepts as "
                         "the class, not its features)")
-    p.add_argument("--restarts", type=positive_int, help="random starts per image, best kept (default 1; generator 4)")
+    p.add_argument("--restarts", type=positive_int, help="random starts per image (pairs too), best kept (default 1; generator 4)")
     p.add_argument("--seed", type=seed_int, default=0)
 
     p = sub.add_parser("evaluate", help="faithfulness: deletion/insertion, confidence drop, sanity checks")
