@@ -8,11 +8,13 @@ from typing import Callable
 import torch
 
 
-def setup(threads: int = 2) -> None:
-    """Pick the thread count once (changing it later slows torch down badly)."""
+def setup(threads: int = 2, malloc: bool = True) -> None:
+    """Pick the thread count once (changing it later slows torch down badly); ``malloc``: the CLI's malloc
+    tuning (False: glibc's defaults, as a Python API user runs)."""
     torch.set_num_threads(threads)
-    from convlens.runtime import tune_malloc
-    tune_malloc()
+    if malloc:
+        from convlens.runtime import tune_malloc
+        tune_malloc()
 
 
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:

@@ -2,9 +2,12 @@
 objects, in one process: medians, ratio = peer time / convlens time (> 1: convlens faster).
 
     python bench/methods.py [--threads 2] [--repeats 3] [--lite0-repeats 1] [--only lab|lite0] [--methods a,b]
+                            [--default-malloc]
 
 Peers: Captum 0.9.0 (occlusion, feature ablation, Shapley sampling, KernelSHAP, LIME, DeepLIFT,
-GradientSHAP, LRP, NoiseTunnel) and TorchCAM 0.5.0 (SmoothGrad-CAM++, SS-CAM, IS-CAM), both installed with --no-deps.
+GradientSHAP, LRP, NoiseTunnel) and TorchCAM 0.5.0 (Grad-CAM, SmoothGrad-CAM++, SS-CAM, IS-CAM), both
+installed with --no-deps. "gradcam (auto layer)" is the functional call `attribute("gradcam", model, x,
+target)`: a new method each call, with the automatic layer (TorchCAM is given the layer).
 Settings are matched where the definitions match (same windows, features, permutations, samples);
 TorchCAM's SS-CAM / IS-CAM weigh channels differently (softmax over channels), so those rows time the
 same number of masked forwards, not the same numbers. Methods without an importable peer (HiResCAM,
@@ -150,7 +153,11 @@ def torchcam_rows(model, x, layer, s, target, ours):
             with cls(model, layer, input_shape=shape, **kw) as extractor:
                 extractor(classes, model(x))
         return thunk
-    out = [("smoothgradcam++", ours("smoothgradcam++", layer=layer, samples=s["samples"]),
+    def gradcam_functional():  # as `attribute("gradcam", model, x, target)` runs: a new method each call
+        return make_method("gradcam", model).attribute(x, target)
+    out = [("gradcam", ours("gradcam", layer=layer), "TorchCAM GradCAM", run(tc.GradCAM)),
+           ("gradcam (auto layer)", gradcam_functional, "TorchCAM GradCAM", run(tc.GradCAM)),
+           ("smoothgradcam++", ours("smoothgradcam++", layer=layer, samples=s["samples"]),
             "TorchCAM SmoothGradCAMpp", run(tc.SmoothGradCAMpp, num_samples=s["samples"], std=0.15))]
     for name, cls in (("sscam", tc.SSCAM), ("iscam", tc.ISCAM)):
         mine = ours(name, layer=layer, samples=2, batch_size=64, max_channels=s["channels"])
@@ -168,15 +175,18 @@ def main() -> None:
     parser.add_argument("--lite0-repeats", type=int, default=1)
     parser.add_argument("--only", choices=["lab", "lite0"])
     parser.add_argument("--methods", help="comma-separated subset of the rows (default: all)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (a Python API user's setting; default: the CLI's tuning)")
     args = parser.parse_args()
-    setup(args.threads)
+    setup(args.threads, malloc=not args.default_malloc)
     warnings.simplefilter("ignore")
     cases = [(lab_case, args.repeats), (lite0_case, args.lite0_repeats)]
     for make_case, repeats in cases:
         title, model, x, layer, settings = make_case()
         if args.only and args.only not in title.lower().replace("efficientnet-", ""):
             continue
-        print(f"\n== {title} (medians of {repeats}, threads {args.threads})")
+        malloc = "default malloc" if args.default_malloc else "tuned malloc"
+        print(f"\n== {title} (medians of {repeats}, threads {args.threads}, {malloc})")
         print(f"{'method':22s} {'convlens s':>11s} {'peer s':>9s} {'ratio':>7s}  peer")
         for name, mine, peer_name, peer in rows(model, x, layer, settings):
             if args.methods and name.split(" ")[0] not in args.methods.split(","):

@@ -72,6 +72,38 @@ def test_deeplift_same_with_inplace_and_functional_relus(x):
         assert torch.equal(plain(x), twin(x))
 
 
+@pytest.mark.parametrize("kind", ["plain", "inplace", "functional"])
+def test_deeplift_reference_pass_equals_the_joint_batch(x, kind):
+    """The reference-first passes give what one batch [inputs; references] through the rule gives."""
+    net = ReluNet(inplace=kind == "inplace", functional=kind == "functional").eval()
+    method = make_method("deeplift", net, baseline=torch.full_like(x, 0.1))
+    x0 = method.baseline
+    with torch.no_grad():
+        joint, _, _, _ = method.joint_pass(x * 4, x0, TARGETS)
+        split, _, _, _ = method.reference_passes(x * 4, x0, TARGETS)
+    assert torch.allclose(split, joint, atol=1e-6) and float(joint.abs().sum()) > 0
+
+
+class BranchyNet(ReluNet):
+    """A ReLU-family call only for inputs whose mean is positive: the two forwards differ."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        return F.relu(out) - 1 if bool(x.mean() > 0) else out
+
+
+def test_deeplift_data_dependent_relu_calls_fall_back_to_one_batch(x):
+    net = BranchyNet().eval()
+    x = x.abs() + 0.1  # mean > 0; the zero baseline's is not: the input's forward runs one ReLU more
+    method = make_method("deeplift", net)
+    res = method.attribute(x, TARGETS)
+    with torch.no_grad():
+        joint, y, y0, _ = method.joint_pass(x, torch.zeros_like(x), TARGETS)
+    assert torch.allclose(res.raw, x * joint, atol=1e-6) and float(joint.abs().sum()) > 0
+    assert torch.allclose(res.extras["delta"], y - y0, atol=1e-6)
+    assert float(res.extras["delta_gap"].max()) < 1e-4
+
+
 def test_deeplift_differs_from_gradient_times_delta(x):
     net = ReluNet().eval()
     dl = attribute("deeplift", net, x, target=TARGETS)

@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from convlens.attribution import make_method
-from convlens.attribution.gradient import SmoothGrad
+from convlens.attribution import SmoothGrad, make_method
 
 
 class Net(nn.Module):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -263,20 +263,41 @@ class _CallableRuleReLU(torch.autograd.Function):
         return ctx.rule(x, out, grad_out, ctx.upper), None, None, None
 
 
-class _ReluRuleMode(TorchFunctionMode):
-    def __init__(self, rule: str):
+class _ReluCallMode(TorchFunctionMode):
+    """Hands every ReLU-family call on a floating tensor ``x`` to ``handle(func, args, kwargs, x, upper, inplace)``,
+    whose result is the call's result; every other call runs as it is."""
+
+    def __init__(self, handle: Callable):
         super().__init__()
-        self.rule = rule
-        self.calls = 0
+        self.handle = handle
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         call = relu_call(func, args, kwargs)
         x = args[0] if args else kwargs.get("input")
-        if call is None or not (isinstance(x, torch.Tensor) and x.requires_grad and x.is_floating_point()):
+        if call is None or not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+            return func(*args, **kwargs)
+        return self.handle(func, args, kwargs, x, *call)
+
+
+@contextlib.contextmanager
+def relu_calls(handle: Callable) -> Iterator[None]:
+    """Route every ReLU-family call in the block through ``handle`` (see :class:`_ReluCallMode`): the
+    interception under :func:`relu_rule` and DeepLIFT's reference pass."""
+    with _ReluCallMode(handle):
+        yield
+
+
+class _ReluRuleMode(_ReluCallMode):
+    def __init__(self, rule):
+        super().__init__(self.apply_rule)
+        self.rule = rule
+        self.calls = 0
+
+    def apply_rule(self, func, args, kwargs, x, upper, inplace):
+        if not x.requires_grad:
             return func(*args, **kwargs)
         self.calls += 1
-        upper, inplace = call
         if callable(self.rule):
             return _CallableRuleReLU.apply(x, upper, self.rule, inplace)
         return _RuleReLU.apply(x, upper, self.rule, inplace)

@@ -1,4 +1,4 @@
-"""Performance helpers: process-wide malloc tuning (once, at start-up) and channels-last weights."""
+"""Performance helpers: process-wide malloc tuning (once, at start-up), channels-last inputs and weights."""
 from __future__ import annotations
 
 import contextlib
@@ -48,3 +48,21 @@ def channels_last_weights(model: nn.Module) -> Iterator[None]:
     finally:
         for m, weight in zip(convs, saved):
             m.weight.data = weight
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A 4-D batch with channels-last strides (the same values); other tensors as they are.
+
+    ``x.contiguous(memory_format=torch.channels_last)`` leaves a one-channel (N, 1, H, W) tensor with its
+    default strides (it counts as contiguous in both layouts), so the first convolution's output comes
+    out in the default layout and every later layer converts between the two, forward and backward
+    (the lab network's backward then copies each activation); a copy with channels-last strides keeps
+    the whole network channels-last."""
+    if x.dim() != 4:
+        return x
+    if x.shape[1] != 1:
+        return x.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = x.shape
+    if x.stride() == (h * w * c, 1, w * c, c):
+        return x
+    return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)

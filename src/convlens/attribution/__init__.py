@@ -21,10 +21,10 @@ from .backprop import DeepLift, GradientSHAP
 from .cam_variants import (AblationCAM, EigenCAM, EigenGradCAM, FullGrad, FusedCAM, GradCAMElementWise, HiResCAM,
                            ISCAM, SSCAM, SmoothGradCAMPlusPlus)
 from .lrp import LRP
-from .noise import TUNNEL_OPTIONS, NoiseTunnel, SmoothGradSquared, VarGrad, split_tunnel_name
+from .noise import TUNNEL_OPTIONS, NoiseTunnel, SmoothGrad, SmoothGradSquared, VarGrad, split_tunnel_name
 from .perturbation import LIME, RISE, FeatureAblation, KernelSHAP, Occlusion, ShapleySampling
 from .gradient import (Deconvnet, GuidedBackprop, GuidedGradCAM, InputXGradient, IntegratedGradients,
-                       Saliency, SmoothGrad)
+                       Saliency)
 
 
 class SmoothGradSaliency(SmoothGrad):

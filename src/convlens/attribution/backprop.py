@@ -5,33 +5,91 @@ import torch
 
 from ..baselines import make_baseline
 from ..errors import ConvlensError
-from ..hooks import frozen, relu_rule
-from ..runtime import channels_last_weights
+from ..hooks import frozen, relu_calls, relu_rule
+from ..runtime import channels_last, channels_last_weights
 from .base import Attribution, Method
-from .batching import GRADIENT_VALUES, auto_batch_size
 from .gradient import Saliency, reduce_channels
+from .noise import copies_per_chunk, image_span, noise_draws
 
 
 def rescale_rule(x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, upper) -> torch.Tensor:
     """DeepLIFT's rescale multiplier Δy/Δx for a batch [inputs; references] (the halves of the batch);
     where |Δx| < 1e-10 the unit's own gradient is used (as Captum does)."""
     n = len(x) // 2
-    dx, dy = x[:n] - x[n:], y[:n] - y[n:]
+    return grad * rescale_multiplier(x, y, torch.cat([x[n:], x[:n]]), torch.cat([y[n:], y[:n]]), upper)
+
+
+def rescale_multiplier(x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor, ref_out: torch.Tensor,
+                       upper) -> torch.Tensor:
+    """m = Δy/Δx = (y − y_ref)/(x − x_ref) of a ReLU-family unit y = clamp(x, 0, upper); where
+    |Δx| < 1e-10 the unit's own derivative [0 < x (< upper)] (as Captum does)."""
+    dx = x - ref
+    small = dx.abs() < 1e-10
     inside = x > 0 if upper is None else (x > 0) & (x < upper)
-    local = inside.to(grad.dtype) * grad
-    m = dy / torch.where(dx.abs() < 1e-10, torch.ones_like(dx), dx)
-    m = torch.cat([m, m])
-    small = torch.cat([dx.abs() < 1e-10] * 2)
-    return torch.where(small, local, grad * m)
+    return torch.where(small, inside.to(x.dtype), (y - ref_out) / dx.masked_fill(small, 1.0))
+
+
+class _RescaleReLU(torch.autograd.Function):
+    """y = clamp(x, 0, upper) (in place when asked); backward: grad_out · Δy/Δx against the unit's input
+    ``ref`` on the reference (:func:`rescale_multiplier`, computed here; only the multiplier is kept)."""
+
+    @staticmethod
+    def forward(ctx, x, ref, upper, inplace):
+        ref_out = ref.clamp(0, upper) if upper is not None else ref.clamp_min(0)
+        before = x.clone() if inplace else x
+        if inplace:
+            out = x.clamp_(0, upper) if upper is not None else x.clamp_min_(0)
+            ctx.mark_dirty(x)
+        else:
+            out = x.clamp(0, upper) if upper is not None else x.clamp_min(0)
+        ctx.save_for_backward(rescale_multiplier(before, out, ref, ref_out, upper))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (m,) = ctx.saved_tensors
+        return grad_out * m, None, None, None
+
+
+class _ReferenceMismatch(Exception):
+    """The input's forward ran other ReLU-family calls than the reference's (data-dependent control flow)."""
+
+
+class _ReferenceUnits:
+    """DeepLIFT's two passes: :meth:`record` keeps the input of every ReLU-family call of the reference
+    forward, in call order; :meth:`replay` gives the i-th call of the input's forward the rescale rule
+    against the i-th kept input."""
+
+    def __init__(self):
+        self.kept: list[tuple[torch.Tensor, int]] = []
+        self.used = 0
+
+    def record(self, func, args, kwargs, x, upper, inplace):
+        ref = x.clone() if inplace else x
+        self.kept.append((ref, ref._version))
+        return func(*args, **kwargs)
+
+    def replay(self, func, args, kwargs, x, upper, inplace):
+        if self.used >= len(self.kept):
+            raise _ReferenceMismatch
+        ref, version = self.kept[self.used]
+        self.used += 1
+        if ref.shape != x.shape or ref._version != version:  # another call, or the kept input changed since
+            raise _ReferenceMismatch
+        if not x.requires_grad:
+            return func(*args, **kwargs)
+        return _RescaleReLU.apply(x, ref, upper, inplace)
 
 
 class DeepLift(Method):
     """Shrikumar et al. 2017, rescale rule: φ = (x − x0) ⊙ m, m the gradient with every ReLU-family unit's
     derivative replaced by Δy/Δx between the input and the reference ``baseline``.
 
-    Inputs and references run as one batch (each unit sees both). For networks of linear maps and
-    ReLU-family units Σφ = y(x) − y(x0) (summation to delta, reported in ``extras["delta_gap"]``);
-    other non-linearities (max pooling, sigmoid…) keep their gradient.
+    The reference runs first, without gradients, keeping each ReLU-family unit's input; the input's
+    forward and backward then apply the rule unit by unit (a model whose two forwards run different
+    ReLU-family calls, by data-dependent control flow, is run instead as one batch [inputs; references]).
+    For networks of linear maps and ReLU-family units Σφ = y(x) − y(x0) (summation to delta, reported in
+    ``extras["delta_gap"]``); other non-linearities (max pooling, sigmoid…) keep their gradient.
     """
 
     name = "deeplift"
@@ -43,18 +101,42 @@ class DeepLift(Method):
 
     def compute(self, x, target) -> Attribution:
         x0 = make_baseline(x, self.baseline)
-        n = len(x)
-        both = torch.cat([x, x0]).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-        with frozen(self.model), channels_last_weights(self.model), relu_rule(rescale_rule), torch.enable_grad():
-            scores = self.scores(both)
-            resolved = self.resolve_target(target, scores[:n].detach())
-            explained = resolved.explained(scores[:n])
-            grad = torch.autograd.grad(explained.sum(), both)[0][:n]
-            delta = explained.detach() - resolved.explained(scores[n:].detach())
+        with frozen(self.model), channels_last_weights(self.model):
+            try:
+                grad, explained, ref_explained, resolved = self.reference_passes(x, x0, target)
+            except _ReferenceMismatch:
+                grad, explained, ref_explained, resolved = self.joint_pass(x, x0, target)
+        delta = explained - ref_explained
         raw = (x - x0) * grad.contiguous()
         gap = (raw.flatten(1).sum(1) - delta).abs()
         return Attribution(self.name, raw, reduce_channels(raw, "sum"), resolved,
                            extras={"delta": delta.cpu(), "delta_gap": gap.cpu()})
+
+    def reference_passes(self, x, x0, target):
+        """(m, y(x), y(x0), target): the reference forward without gradients, then the input's with the rule."""
+        units = _ReferenceUnits()
+        with relu_calls(units.record), torch.no_grad():
+            ref_scores = self.scores(channels_last(x0))
+        inputs = channels_last(x).requires_grad_(True)
+        with relu_calls(units.replay), torch.enable_grad():
+            scores = self.scores(inputs)
+            if units.used != len(units.kept):
+                raise _ReferenceMismatch
+            resolved = self.resolve_target(target, scores.detach())
+            explained = resolved.explained(scores)
+            grad = torch.autograd.grad(explained.sum(), inputs)[0]
+        return grad, explained.detach(), resolved.explained(ref_scores), resolved
+
+    def joint_pass(self, x, x0, target):
+        """(m, y(x), y(x0), target) from one batch [inputs; references]: each unit sees both halves."""
+        n = len(x)
+        both = channels_last(torch.cat([x, x0])).requires_grad_(True)
+        with relu_rule(rescale_rule), torch.enable_grad():
+            scores = self.scores(both)
+            resolved = self.resolve_target(target, scores[:n].detach())
+            explained = resolved.explained(scores[:n])
+            grad = torch.autograd.grad(explained.sum(), both)[0][:n]
+        return grad, explained.detach(), resolved.explained(scores[n:].detach()), resolved
 
 
 class GradientSHAP(Method):
@@ -93,8 +175,7 @@ class GradientSHAP(Method):
         pool = len(self.baseline_pool(x[:1]))
         index = torch.randint(0, pool, (self.samples,), generator=gen)[:, None].expand(-1, len(x))
         alpha = torch.rand(self.samples, generator=gen)[:, None].expand(-1, len(x))
-        span = (x.flatten(1).max(1).values - x.flatten(1).min(1).values).view(1, -1, 1, 1, 1)
-        noise = torch.randn((self.samples, 1, *x.shape[1:]), generator=gen).to(x) * (self.sigma * span)
+        noise = noise_draws(gen, self.samples, x.shape[1:]).to(x)[:, None] * (self.sigma * image_span(x))[None]
         return index.to(x.device), alpha.to(x), noise
 
     def compute(self, x, target) -> Attribution:
@@ -106,7 +187,7 @@ class GradientSHAP(Method):
             resolved.explained(scores)  # a bad score function fails here, before the sampled copies
         n = len(x)
         total = torch.zeros_like(x)
-        per_chunk = max(1, (self.batch_size or auto_batch_size(x, GRADIENT_VALUES)) // n)
+        per_chunk = copies_per_chunk(x, self.batch_size)
         rows = torch.arange(n, device=x.device)
         gradient = Saliency(self.model, output_selector=self.output_selector)
         for start in range(0, self.samples, per_chunk):

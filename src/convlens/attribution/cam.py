@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import ConvlensError
 from ..hooks import auto_layer, capture, frozen, relu_rule, resolve_layer
-from ..runtime import channels_last_weights
+from ..runtime import channels_last, channels_last_weights
 from .base import Attribution, Method, Target, input_size_errors, minmax_scale, upsample
 
 Reshape = Union[None, str, Callable[[torch.Tensor], torch.Tensor]]
@@ -120,7 +120,7 @@ class CamMethod(Method):
         with frozen(self.model), channels_last_weights(self.model), capture(self.model, [layer], cut=True) as kept, \
                 rule:
             with torch.set_grad_enabled(self.needs_grad):  # also inside a caller's torch.no_grad()
-                scores = self.scores(x.contiguous(memory_format=torch.channels_last))
+                scores = self.scores(channels_last(x))
                 resolved = self.resolve_target(target, scores)
                 explained = resolved.explained(scores)
                 acts = self.spatial(kept[layer], layer)
@@ -285,7 +285,7 @@ class ScoreCAM(CamMethod):
         for start in range(0, len(live), self.batch_size):
             idx = live[start:start + self.batch_size]
             masks = minmax_scale(upsample(act[idx], image.shape[-2:], "bilinear"))[0]
-            masked = (image[None] * masks[:, None]).contiguous(memory_format=torch.channels_last)
+            masked = channels_last(image[None] * masks[:, None])
             probs = F.softmax(self.scores(masked), dim=1)
             alpha[idx] = probs[:, target]
         return alpha

@@ -13,10 +13,11 @@ from torch import nn
 
 from ..errors import ConvlensError
 from ..hooks import POOLING, capture, frozen, resolve_layer, rewrite_outputs, spatial_layers
-from ..runtime import channels_last_weights
+from ..runtime import channels_last, channels_last_weights
 from .base import Attribution, Method, Target, input_size_errors, minmax_scale, upsample
-from .batching import GRADIENT_VALUES, auto_batch_size
+from .batching import auto_batch_size
 from .cam import CamMethod, GradCAMPlusPlus, ScoreCAM
+from .noise import copies_per_chunk, noisy_copies
 
 
 # ------------------------------------------------------------------ weight formulas
@@ -153,7 +154,7 @@ class AblationCAM(CamMethod):
             out[rows, channels] = 0
             return out
 
-        batch = image[None].expand(len(channels), *image.shape).contiguous(memory_format=torch.channels_last)
+        batch = channels_last(image[None].expand(len(channels), *image.shape))
         with torch.inference_mode(), channels_last_weights(self.model), \
                 rewrite_outputs(self.model, {layer: zero_channel}):
             return target.explained(self.scores(batch))
@@ -162,8 +163,8 @@ class AblationCAM(CamMethod):
 class SmoothGradCAMPlusPlus(GradCAMPlusPlus):
     """Omeiza et al. 2019: Grad-CAM++ with the 1st, 2nd and 3rd gradient powers averaged over noisy copies.
 
-    D^p = mean over ``samples`` copies x + N(0, (σ·(max x − min x))²) of (∂y^c/∂A)^p (noise draw s shared
-    by the batch, scaled per image);
+    D^p = mean over ``samples`` copies x + N(0, (σ·(max x − min x))²) of (∂y^c/∂A)^p (the noise tunnel's
+    copies, ``noise.noisy_copies``: draw s shared by the batch, scaled per image);
     α = D² / (2 D² + Σ_ab A_ab D³); w_k = Σ_ij α ReLU(D¹); A from the clean input.
     """
 
@@ -177,15 +178,8 @@ class SmoothGradCAMPlusPlus(GradCAMPlusPlus):
         self.samples, self.sigma, self.seed, self.batch_size = samples, sigma, seed, batch_size
 
     def noisy_gradient_powers(self, x: torch.Tensor, target: Target, layer: str) -> tuple[torch.Tensor, ...]:
-        gen = torch.Generator(device="cpu").manual_seed(self.seed)
-        span = (x.flatten(1).max(1).values - x.flatten(1).min(1).values).view(-1, 1, 1, 1)
         sums = None
-        per_chunk = max(1, (self.batch_size or auto_batch_size(x, GRADIENT_VALUES)) // len(x))
-        for start in range(0, self.samples, per_chunk):
-            k = min(per_chunk, self.samples - start)
-            draws = torch.stack([torch.randn(x.shape[1:], generator=gen) for _ in range(k)]).to(x)
-            noise = draws[:, None] * (self.sigma * span)[None]  # one draw per copy, shared by the batch
-            noisy = (x[None] + noise).flatten(0, 1)
+        for k, noisy in noisy_copies(x, self.samples, self.sigma, self.seed, copies_per_chunk(x, self.batch_size)):
             g = self.layer_pass(noisy, target.repeat(k), layer).grads
             g = g.view(k, len(x), *g.shape[1:])
             powers = (g.sum(0), g.pow(2).sum(0), g.pow(3).sum(0))
@@ -223,9 +217,9 @@ class _MaskScoreCAM(ScoreCAM):
         def flush():
             masks = torch.cat([m.flatten(0, 1) for _, _, m in pending])
             rows = torch.cat([torch.full((m.shape[0] * m.shape[1],), i, dtype=torch.long) for i, _, m in pending])
-            probs = torch.cat([p.target.select(rows[a:a + batch]).explained(F.softmax(self.scores(
-                (x[rows[a:a + batch].to(x.device)] * masks[a:a + batch, None]).contiguous(
-                    memory_format=torch.channels_last)), 1)) for a in range(0, len(rows), batch)])
+            probs = torch.cat([p.target.select(rows[a:a + batch]).explained(F.softmax(self.scores(channels_last(
+                x[rows[a:a + batch].to(x.device)] * masks[a:a + batch, None])), 1))
+                for a in range(0, len(rows), batch)])
             start = 0
             for i, live, m in pending:
                 alpha[i, live] = probs[start:start + m.shape[0] * m.shape[1]].view(m.shape[:2]).mean(0)

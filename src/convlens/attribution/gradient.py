@@ -9,7 +9,7 @@ import torch
 from ..baselines import make_baseline
 from ..errors import ConvlensError
 from ..hooks import frozen, relu_rule
-from ..runtime import channels_last_weights
+from ..runtime import channels_last, channels_last_weights
 from .base import Attribution, Method, Target
 from .cam import GradCAM
 
@@ -40,7 +40,7 @@ class GradientMethod(Method):
     def input_gradients(self, x: torch.Tensor, target) -> tuple[torch.Tensor, torch.Tensor, Target]:
         """(∂score/∂x, explained scores, resolved target) with parameters frozen."""
         rule = relu_rule(self.rule) if self.rule else contextlib.nullcontext()
-        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        x = channels_last(x.detach()).requires_grad_(True)
         with frozen(self.model), channels_last_weights(self.model), rule, torch.enable_grad():
             scores = self.scores(x)
             resolved = self.resolve_target(target, scores)
@@ -227,33 +227,3 @@ def warn_completeness(gap: torch.Tensor, tolerance: float, steps: torch.Tensor) 
         warnings.warn(f"integrated gradients: completeness gap above {tolerance:.0%} for input(s) {bad} "
                       f"(worst {float(gap.max()):.1%} at {int(steps.max())} steps): raise steps", stacklevel=3)
 
-
-class SmoothGrad(Method):
-    """Smilkov et al. 2017: mean of any method's raw map over ``samples`` noisy copies (σ as a fraction
-    of the input range); noisy copies run as one batch (in chunks of ``batch_size``)."""
-
-    def __init__(self, method: Method, samples: int = 25, sigma: float = 0.15, batch_size: int = 256,
-                 seed: int = 0):
-        super().__init__(method.model, method.layer, method.output_selector, method.interpolation)
-        if samples <= 0 or sigma < 0:
-            raise ConvlensError("SmoothGrad needs samples > 0 and sigma ≥ 0")
-        self.method, self.samples, self.sigma, self.batch_size, self.seed = method, samples, sigma, batch_size, seed
-        self.name = f"smoothgrad-{method.name}"
-
-    def compute(self, x, target) -> Attribution:
-        with torch.no_grad():
-            resolved = self.method.resolve_target(target, self.scores(x))
-        gen = torch.Generator(device="cpu").manual_seed(self.seed)
-        span = (x.flatten(1).max(1).values - x.flatten(1).min(1).values).view(-1, 1, 1, 1)
-        raw_sum, maps_sum = None, None
-        per_chunk = max(1, self.batch_size // len(x))
-        for start in range(0, self.samples, per_chunk):
-            k = min(per_chunk, self.samples - start)
-            noise = torch.randn((k, *x.shape), generator=gen).to(x) * (self.sigma * span)[None]
-            noisy = (x[None] + noise).flatten(0, 1)
-            res = self.method.attribute(noisy, resolved.repeat(k))
-            raw = res.raw.view(k, len(x), *res.raw.shape[1:]).sum(0)
-            maps = res.maps.view(k, len(x), *res.maps.shape[1:]).sum(0)
-            raw_sum = raw if raw_sum is None else raw_sum + raw
-            maps_sum = maps if maps_sum is None else maps_sum + maps
-        return Attribution(self.name, raw_sum / self.samples, maps_sum / self.samples, resolved, res.layer)

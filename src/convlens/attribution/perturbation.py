@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..baselines import make_baseline
 from ..errors import ConvlensError
-from ..runtime import channels_last_weights
+from ..runtime import channels_last, channels_last_weights
 from .base import Attribution, Method, Target
 from .batching import auto_batch_size
 from .segment import feature_labels
@@ -43,7 +43,7 @@ class PerturbationMethod(Method):
     def outputs(self, batch: torch.Tensor) -> torch.Tensor:
         """The model's scores (softmaxed for ``score='probability'``), in inference mode."""
         with torch.inference_mode(), channels_last_weights(self.model):
-            out = self.scores(batch.contiguous(memory_format=torch.channels_last))
+            out = self.scores(channels_last(batch))
             return F.softmax(out, 1) if self.score == "probability" else out
 
     def masked_scores(self, x: torch.Tensor, base: torch.Tensor, masks: MaskFn, counts: list[int],
