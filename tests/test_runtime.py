@@ -48,3 +48,22 @@ def test_one_channel_network_runs_channels_last_with_the_same_gradient():
         assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in net.modules()
                    if isinstance(m, nn.Conv2d))
     assert all(m.weight is w for m, w in zip([m for m in net.modules() if isinstance(m, nn.Conv2d)], weights))
+
+
+def test_auto_layer_found_once_per_model_and_shape_and_again_after_a_module_is_replaced():
+    net = OneChannelNet().eval()
+    x = torch.rand(2, 1, 8, 8)
+    runs = []
+    handle = net.register_forward_hook(lambda m, i, o: runs.append(len(i[0])))
+    try:
+        first = attribute("gradcam", net, x, target=0)
+        second = attribute("gradcam", net, x, target=0)  # a new method: the layer is remembered for the model
+        assert runs == [1, 2, 2] and first.layer == second.layer == "conv2"
+        assert torch.equal(first.maps, second.maps)
+        attribute("gradcam", net, torch.rand(2, 1, 9, 9), target=0)  # another input shape: found again
+        assert runs[3:] == [1, 2]
+        net.conv2 = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU())
+        del runs[:]
+        assert attribute("gradcam", net, x, target=0).layer == "conv2" and runs == [1, 2]  # probed again
+    finally:
+        handle.remove()

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -163,13 +164,26 @@ def spatial_layers(model: nn.Module, example: torch.Tensor) -> list[tuple[str, t
     return [(p, s, m) for p, s, m in seen if len(s) == 4 and s[-1] * s[-2] > 1]
 
 
+_AUTO_LAYERS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
 def auto_layer(model: nn.Module, example: torch.Tensor, kerasvis: bool = False) -> str:
     """The layer CAM methods use by default.
 
     Default: the last module with a spatial 4-D output that is not a pooling layer (the
     last conv block before the head). ``kerasvis``: the last conv or pooling layer, as
-    keras-vis picks it.
+    keras-vis picks it. Found by one forward of ``example[:1]``, then remembered for the model (weakly), the
+    input's shape and the model's modules (a module replaced or added is another key).
     """
+    key = (tuple(example.shape[1:]), kerasvis, tuple(map(id, model.modules())))
+    known = _AUTO_LAYERS.setdefault(model, {})
+    if key not in known:
+        known[key] = find_auto_layer(model, example, kerasvis)
+    return known[key]
+
+
+def find_auto_layer(model: nn.Module, example: torch.Tensor, kerasvis: bool = False) -> str:
+    """:func:`auto_layer` without the memory: one forward of ``example[:1]``."""
     layers = spatial_layers(model, example)
     if kerasvis:
         layers = [x for x in layers if isinstance(x[2], (nn.Conv2d,) + POOLING) or "conv" in type(x[2]).__name__.lower()]

@@ -104,15 +104,11 @@ class CamMethod(Method):
         return out
 
     def layer_name(self, x: torch.Tensor) -> str:
-        """The given layer, or the automatic choice (found once per input shape, then reused)."""
+        """The given layer, or the automatic choice (``hooks.auto_layer``: found once per model and input shape)."""
         if self.layer is not None:
             return resolve_layer(self.model, self.layer)[0]
-        cache = self.__dict__.setdefault("_auto_layers", {})
-        key = tuple(x.shape[1:])
-        if key not in cache:
-            with input_size_errors(x):
-                cache[key] = auto_layer(self.model, x, kerasvis=self.kerasvis_layer)
-        return cache[key]
+        with input_size_errors(x):
+            return auto_layer(self.model, x, kerasvis=self.kerasvis_layer)
 
     def layer_pass(self, x: torch.Tensor, target, layer: str) -> LayerPass:
         """Activations, their gradients (or None), the explained scores and the resolved target."""

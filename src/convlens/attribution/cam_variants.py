@@ -349,8 +349,8 @@ class FullGrad(Method):
         for part in parts.values():
             if part.dim() == 4:
                 # the channel sum commutes with (linear) interpolation: one map per layer is upsampled
-                total = total + F.interpolate(fullgrad_rescale(part).sum(1, keepdim=True), size=x.shape[-2:],
-                                              mode="bilinear", align_corners=True)[:, 0]
+                total = total + F.interpolate(fullgrad_rescale(part).sum(1)[None], size=x.shape[-2:],  # as upsample
+                                              mode="bilinear", align_corners=True)[0]
         return Attribution(self.name, total, total, resolved)
 
 
