@@ -1,6 +1,8 @@
 """Reference-based backpropagation: DeepLIFT (rescale rule) and GradientSHAP."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..baselines import make_baseline
@@ -13,72 +15,86 @@ from .noise import copies_per_chunk, image_span, noise_draws
 
 
 def rescale_rule(x: torch.Tensor, y: torch.Tensor, grad: torch.Tensor, upper) -> torch.Tensor:
-    """DeepLIFT's rescale multiplier Δy/Δx for a batch [inputs; references] (the halves of the batch);
-    where |Δx| < 1e-10 the unit's own gradient is used (as Captum does)."""
+    """DeepLIFT's rescale rule for a batch [inputs; references] (the halves of the batch): grad · Δy/Δx."""
     n = len(x) // 2
-    return grad * rescale_multiplier(x, y, torch.cat([x[n:], x[:n]]), torch.cat([y[n:], y[:n]]), upper)
+    dx = x[:n] - x[n:]
+    return grad * rescale_multiplier(torch.cat([dx, -dx]), y, torch.cat([y[n:], y[:n]]), upper)
 
 
-def rescale_multiplier(x: torch.Tensor, y: torch.Tensor, ref: torch.Tensor, ref_out: torch.Tensor,
-                       upper) -> torch.Tensor:
-    """m = Δy/Δx = (y − y_ref)/(x − x_ref) of a ReLU-family unit y = clamp(x, 0, upper); where
-    |Δx| < 1e-10 the unit's own derivative [0 < x (< upper)] (as Captum does)."""
-    dx = x - ref
-    small = dx.abs() < 1e-10
-    inside = x > 0 if upper is None else (x > 0) & (x < upper)
-    return torch.where(small, inside.to(x.dtype), (y - ref_out) / dx.masked_fill(small, 1.0))
+def rescale_multiplier(dx: torch.Tensor, y: torch.Tensor, ref_out: torch.Tensor, upper) -> torch.Tensor:
+    """m = Δy/Δx of a ReLU-family unit y = clamp(x, 0, upper), from Δx = x − x_ref, y and y_ref; where
+    |Δx| < 1e-10 the unit's own derivative [0 < x (< upper)] (as Captum does), read from y (the same
+    condition) by torch's fused ReLU / hardtanh backward."""
+    m = torch.sub(y, ref_out).div_(dx)  # inf or nan where Δx = 0: replaced below
+    ones = torch.ones((), dtype=y.dtype, device=y.device).expand_as(y)
+    local = torch.ops.aten.threshold_backward(ones, y, 0) if upper is None else \
+        torch.ops.aten.hardtanh_backward(ones, y, 0, upper)
+    return torch.where(dx.abs() < 1e-10, local, m)
 
 
 class _RescaleReLU(torch.autograd.Function):
     """y = clamp(x, 0, upper) (in place when asked); backward: grad_out · Δy/Δx against the unit's input
-    ``ref`` on the reference (:func:`rescale_multiplier`, computed here; only the multiplier is kept)."""
+    ``ref`` and output ``ref_out`` on the reference (:func:`rescale_multiplier`, computed here; only the
+    multiplier is kept)."""
 
     @staticmethod
-    def forward(ctx, x, ref, upper, inplace):
-        ref_out = ref.clamp(0, upper) if upper is not None else ref.clamp_min(0)
-        before = x.clone() if inplace else x
+    def forward(ctx, x, ref, ref_out, upper, inplace):
+        dx = x - ref
         if inplace:
             out = x.clamp_(0, upper) if upper is not None else x.clamp_min_(0)
             ctx.mark_dirty(x)
         else:
             out = x.clamp(0, upper) if upper is not None else x.clamp_min(0)
-        ctx.save_for_backward(rescale_multiplier(before, out, ref, ref_out, upper))
+        ctx.save_for_backward(rescale_multiplier(dx, out, ref_out, upper))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         (m,) = ctx.saved_tensors
-        return grad_out * m, None, None, None
+        return grad_out * m, None, None, None, None
 
 
 class _ReferenceMismatch(Exception):
     """The input's forward ran other ReLU-family calls than the reference's (data-dependent control flow)."""
 
 
+@dataclass
+class _Unit:
+    """A ReLU-family call of the reference forward: its input and output with their version counters."""
+
+    ref: torch.Tensor
+    ref_version: int
+    out: torch.Tensor
+    out_version: int
+
+
 class _ReferenceUnits:
-    """DeepLIFT's two passes: :meth:`record` keeps the input of every ReLU-family call of the reference
-    forward, in call order; :meth:`replay` gives the i-th call of the input's forward the rescale rule
-    against the i-th kept input."""
+    """DeepLIFT's two passes: :meth:`record` keeps the input and output of every ReLU-family call of the
+    reference forward, in call order; :meth:`replay` gives the i-th call of the input's forward the rescale
+    rule against the i-th kept unit."""
 
     def __init__(self):
-        self.kept: list[tuple[torch.Tensor, int]] = []
+        self.kept: list[_Unit] = []
         self.used = 0
 
     def record(self, func, args, kwargs, x, upper, inplace):
         ref = x.clone() if inplace else x
-        self.kept.append((ref, ref._version))
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        self.kept.append(_Unit(ref, ref._version, out, out._version))
+        return out
 
     def replay(self, func, args, kwargs, x, upper, inplace):
         if self.used >= len(self.kept):
             raise _ReferenceMismatch
-        ref, version = self.kept[self.used]
+        unit = self.kept[self.used]
         self.used += 1
-        if ref.shape != x.shape or ref._version != version:  # another call, or the kept input changed since
+        if unit.ref.shape != x.shape or unit.ref._version != unit.ref_version:  # another call, or a changed input
             raise _ReferenceMismatch
         if not x.requires_grad:
             return func(*args, **kwargs)
-        return _RescaleReLU.apply(x, ref, upper, inplace)
+        ref_out = unit.out if unit.out._version == unit.out_version else (  # the model changed it in place
+            unit.ref.clamp(0, upper) if upper is not None else unit.ref.clamp_min(0))
+        return _RescaleReLU.apply(x, unit.ref, ref_out, upper, inplace)
 
 
 class DeepLift(Method):
