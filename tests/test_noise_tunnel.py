@@ -88,3 +88,17 @@ def test_batched_equals_per_image_with_noise(net, x):
     for i in range(len(x)):
         single = attribute("vargrad:gradcam", net, x[i:i + 1], target=TARGETS[i], samples=3, batch_size=64)
         assert torch.allclose(single.maps, batched.maps[i:i + 1], atol=1e-7)
+
+
+@pytest.mark.parametrize("target, clean_rows", [(TARGETS, 1), (None, 3), (lambda s: s[:, 2], 3)])
+def test_clean_pass_before_the_copies(net, x, target, clean_rows):
+    """Class indices need one image's scores (the class count), the prediction and a score function the batch's."""
+    rows = []
+    handle = net.register_forward_hook(lambda m, i, o: rows.append(len(i[0])))
+    try:
+        attribute("smoothgrad-sq", net, x, target=target, samples=2, batch_size=6)
+        with pytest.raises(ConvlensError, match="out of range"):
+            attribute("vargrad", net, x, target=[0, 9, 1], samples=2)
+    finally:
+        handle.remove()
+    assert rows == [clean_rows, 6, 1]  # the clean pass, the copies; the bad class refused after one image

@@ -197,10 +197,7 @@ class GradientSHAP(Method):
     def compute(self, x, target) -> Attribution:
         pool = self.baseline_pool(x)
         index, alpha, noise = self.draws(x)
-        with torch.no_grad():
-            scores = self.scores(x)
-            resolved = self.resolve_target(target, scores)
-            resolved.explained(scores)  # a bad score function fails here, before the sampled copies
+        resolved = self.resolve_before_copies(x, target)
         n = len(x)
         total = torch.zeros_like(x)
         per_chunk = copies_per_chunk(x, self.batch_size)

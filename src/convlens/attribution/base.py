@@ -378,6 +378,21 @@ class Method:
             raise ConvlensError(f"{self.name} needs class targets, not a score function")
         return resolved
 
+    def resolve_before_copies(self, x: torch.Tensor, target: TargetLike) -> Target:
+        """The target of a method that runs copies of ``x`` (noise tunnel, GradientSHAP), resolved on the
+        clean batch before any copy runs. Class indices need only the class count: one image's forward;
+        the prediction (None) needs the batch's scores, on which a score function is also tried, so a bad
+        one fails here."""
+        explicit = target is not None and not isinstance(target, Target) and (
+            isinstance(target, torch.Tensor) or not callable(target))
+        with torch.no_grad():
+            scores = self.scores(x[:1] if explicit else x)
+            if explicit:
+                scores = scores.expand(len(x), *scores.shape[1:])
+            resolved = self.resolve_target(target, scores)
+            resolved.explained(scores)
+        return resolved
+
     def attribute(self, inputs: torch.Tensor, target: TargetLike = None) -> Attribution:
         """Maps of ``inputs`` (N, C, H, W) for ``target`` (see the module doc)."""
         x = check_input(self.model, inputs)

@@ -81,10 +81,7 @@ class NoiseTunnel(Method):
         self.signed = method.signed and kind == "smoothgrad"
 
     def compute(self, x, target) -> Attribution:
-        with torch.no_grad():
-            scores = self.scores(x)
-            resolved = self.method.resolve_target(target, scores)
-            resolved.explained(scores)  # a bad score function fails here, before any noisy copy runs
+        resolved = self.method.resolve_before_copies(x, target)
         sums: dict[tuple[str, int], torch.Tensor] = {}
         layer = None
         for k, noisy in noisy_copies(x, self.samples, self.sigma, self.seed, copies_per_chunk(x, self.batch_size)):
