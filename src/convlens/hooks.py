@@ -15,7 +15,7 @@
   ``clamp(min=0)`` / ``clamp(0, t)``), intercepted with a TorchFunctionMode so functional
   ReLUs are covered too and the model's modules are never modified. The forward is the
   plain one bit for bit; in-place calls modify their input in place as they would without
-  the rule.
+  the rule. :func:`relu_calls` is the same interception with any handler (DeepLIFT's reference pass).
 """
 from __future__ import annotations
 
@@ -278,8 +278,9 @@ class _CallableRuleReLU(torch.autograd.Function):
 
 
 class _ReluCallMode(TorchFunctionMode):
-    """Hands every ReLU-family call on a floating tensor ``x`` to ``handle(func, args, kwargs, x, upper, inplace)``,
-    whose result is the call's result; every other call runs as it is."""
+    """Hands every ReLU-family call on a floating tensor ``x`` to
+    ``handle(func, args, kwargs, x, upper, inplace)``, whose result is the call's result; every other call
+    runs as it is."""
 
     def __init__(self, handle: Callable):
         super().__init__()
