@@ -11,7 +11,7 @@ from torch import nn
 from ..baselines import make_baseline
 from ..errors import ConvlensError
 from ..hooks import evaluating
-from ..runtime import channels_last_weights
+from ..runtime import channels_last, channels_last_weights
 
 
 def auc(curve: torch.Tensor, fractions: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,7 +83,7 @@ def perturbed_probabilities(model: nn.Module, start: torch.Tensor, end: torch.Te
         cnt = counts[s0:s0 + per_chunk]
         changed = ranks[None] < cnt.view(-1, 1, 1, 1, 1)  # (k, N, 1, H, W)
         batch = torch.where(changed, end[None], start[None]).flatten(0, 1)
-        p = F.softmax(model(batch.contiguous(memory_format=torch.channels_last)), dim=1).view(len(cnt), n, -1)
+        p = F.softmax(model(channels_last(batch)), dim=1).view(len(cnt), n, -1)
         probs[s0:s0 + len(cnt)] = p.gather(2, t.view(1, n, 1).expand(len(cnt), n, 1))[..., 0].cpu()
     return probs.t().contiguous()
 

@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import ConvlensError
 from ..hooks import capture, frozen
 from ..progress import progress as progress_of
-from ..runtime import channels_last_weights
+from ..runtime import channels_last, channels_last_weights
 from .objectives import LOGITS, Objective
 from .generator import LatentParam
 from .param import FourierColorParam, PixelParam, RandomPlan
@@ -107,7 +107,7 @@ class Evaluator:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(objective per row (B,), logits (B, classes))."""
         with capture(self.model, self.layers) as kept:
-            logits = self.model(x.contiguous(memory_format=torch.channels_last))
+            logits = self.model(channels_last(x))
         if self.coefficients is not None:
             k = self.coefficients.shape[1]
             return (logits[:, :k] * self.coefficients.to(logits)).sum(1), logits
