@@ -121,9 +121,9 @@ def torchrun(*args, procs=2, module=True, env=None, timeout=300):
                           timeout=timeout, env=job_env(**(env or {})))
 
 
-def single(*args, timeout=300):
+def single(*args, timeout=300, env=None):
     return subprocess.run([sys.executable, "-m", "convlens", *map(str, args), "--threads", "1"],
-                          capture_output=True, text=True, timeout=timeout, env=job_env())
+                          capture_output=True, text=True, timeout=timeout, env=job_env(**(env or {})))
 
 
 def visible(folder):

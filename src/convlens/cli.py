@@ -167,7 +167,8 @@ def cmd_explain(a: argparse.Namespace) -> int:
     tokens = TokenLayout(a.drop_tokens or 0, parse_grid(a.grid) if a.grid else None) if a.tokens else None
     loaded = model_from(a)
     summary = explain(loaded, a.images or sample_photo_paths(), a.out, a.methods, a.target, a.layer,
-                      progress=not a.quiet, batch_size=a.batch_size, region=a.target_region, tokens=tokens)
+                      progress=not a.quiet, batch_size=a.batch_size, region=a.target_region, tokens=tokens,
+                      resume=a.resume)
     if summary is None:  # not the writing rank of a distributed run
         return 0
     print(display(Path(a.out) / "predictions.json"))
@@ -322,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", metavar="HxW", help="with --tokens: the token grid (default: square)")
     p.add_argument("--batch-size", type=positive_int,
                    help="images per batch (default: as many as fit in memory, at most 32)")
+    add_resume(p)
 
     p = sub.add_parser("featuremaps", help="feature maps of one input and of every digit; l1 kernels")
     add_common(p, DEFAULT_RUN, "convlens-out/featuremaps")

@@ -6,8 +6,9 @@ command joins the process group once (:func:`setup`), each rank takes a contiguo
 ``--resume`` picks up), and the parts are combined with collectives: accumulators all-reduced
 (:func:`all_reduce_tree`: sums and counts with SUM, maxima with MAX), per-item results gathered to
 rank 0 in dataset order (:func:`gather_ordered`). Per-item results too large to hold for a whole block
-(explanation maps) go round by round instead (:func:`deal`: steps dealt round-robin, rank 0 receives
-each round in order). Only rank 0 writes outputs (:func:`is_writer`).
+(explanation maps, drawn figures) go round by round instead (:func:`deal`: steps dealt round-robin,
+rank 0 receives each round in order and may checkpoint what it wrote after it). Only rank 0 writes
+outputs (:func:`is_writer`).
 Without a launcher every function degrades to the single-process case (world size 1, no collectives).
 
 Faults: a rank whose work raises publishes ``rank R failed: <cause>`` in the launcher's key-value store,
@@ -447,27 +448,39 @@ def fold(job: Job, compute: Callable[[int, int], P], combine: Callable[[T, P], T
         progress.close()
     mark_finished()
     job.resumed = all_reduce_int(resumed)
-    if job.resumed and is_writer():
-        print(f"convlens: resumed {job.resumed:,} of {job.count:,} items of {job.name} from checkpoints",
-              file=sys.stderr)
+    announce_resumed(job)
     return state
 
 
-def deal(job: Job, compute: Callable[[int, int], P], emit: Callable[[P], None]) -> None:
+def announce_resumed(job: Job) -> None:
+    """One line (rank 0) saying how many items a resumed job took from checkpoints instead of computing."""
+    if job.resumed and is_writer():
+        print(f"convlens: resumed {job.resumed:,} of {job.count:,} items of {job.name} from checkpoints",
+              file=sys.stderr)
+
+
+def deal(job: Job, compute: Callable[[int, int], P], emit: Callable[[P], None], first: int = 0,
+         after_round: Callable[[int], None] | None = None) -> None:
     """Steps dealt round-robin, results emitted on rank 0 in dataset order with memory flat in ``job.count``.
 
-    Round j: rank r computes step j·W + r (items [lo, hi) of :meth:`Job.items`; none past the last step),
-    then rank 0 receives the round's W results in step order and calls ``emit`` on each. Every step is
-    computed exactly once; rank 0 holds one round of results at a time. Same fault hook, peer checks
-    and single progress report as :func:`fold` (no checkpoints).
+    Round j: rank r computes step first + j·W + r (items [lo, hi) of :meth:`Job.items`; none past the last
+    step), then rank 0 receives the round's W results in step order, calls ``emit`` on each, and every
+    rank calls ``after_round`` with the next step not yet done (rank 0 checkpoints there). Steps before
+    ``first`` were finished by an interrupted run (``--resume``): they are counted as resumed, not
+    computed. Every other step is computed exactly once; rank 0 holds one round of results at a time.
+    Same fault hook, peer checks and single progress report as :func:`fold`.
     """
     steps, world = -(-job.count // job.step) if job.count else 0, world_size()
+    first = min(first, steps)
+    job.resumed = job.items(first - 1)[1] if first else 0
     progress = Progress(job)
+    if is_writer():
+        progress.advance(job.resumed)
     try:
-        for j in range(-(-steps // world)):
+        for j in range(-(-(steps - first) // world)):
             check_peers()
             inject_fault(j)
-            unit = j * world + rank()
+            unit = first + j * world + rank()
             part = None
             if unit < steps:
                 lo, hi = job.items(unit)
@@ -476,6 +489,18 @@ def deal(job: Job, compute: Callable[[int, int], P], emit: Callable[[P], None]) 
             for result in gather_ordered(unit, [part]) or []:
                 if result is not None:
                     emit(result)
+            if after_round is not None:
+                after_round(min(steps, first + (j + 1) * world))
     finally:
         progress.close()
     mark_finished()
+    announce_resumed(job)
+
+
+def from_writer(values: list[int]) -> list[int]:
+    """Rank 0's ``values`` on every rank (what rank 0 read from its checkpoint, say)."""
+    if not active():
+        return list(values)
+    t = torch.tensor(values if is_writer() else [0] * len(values), dtype=torch.long)
+    _collective("broadcast from rank 0", lambda: dist.broadcast(t, src=0))
+    return t.tolist()

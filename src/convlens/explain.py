@@ -7,9 +7,11 @@ from __future__ import annotations
 import inspect
 import json
 import re
+import shutil
+import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +25,11 @@ from .errors import ConvlensError
 from .attribution.base import select_output
 from .explain_targets import check_token_layer, class_index, parse_region, region_for, token_layout
 from .hooks import evaluating, resolve_layer
-from .io import NpzStream, check_out_not_input, display, distinct_stems, ensure_dir, write_json
+from .io import (NpzStream, check_out_not_input, display, distinct_stems, ensure_dir, move_file, save_torch,
+                 unrecorded, write_bytes, write_json)
 from .models.profile import TokenLayout
 from .models.registry import LoadedModel
+from .plots.png import Band
 from .progress import progress as progress_of
 
 # Score-CAM is left out of the default set: ~15 s per photo on EfficientNet-Lite0 on 2 cores.
@@ -264,15 +268,23 @@ CONTACT_SHEET_THRESHOLD = 24
 
 
 @dataclass
+class Drawing:
+    """An image's figures, drawn where its maps were computed: a contact-sheet row (compressed, see
+    :mod:`convlens.plots.png`), or PNG files (name → bytes) with the summary's entry for them."""
+    band: Band | None = None
+    files: dict[str, bytes] = field(default_factory=dict)
+    entry: dict | None = None
+
+
+@dataclass
 class ImageResult:
-    """One image's explanation: its prediction row, input, every method's raw output and map, and the
-    class its maps explain (as a caption); ``index`` is its place in the whole image list."""
+    """One image's explanation: its place in the whole image list, prediction row, every method's raw
+    output and map, and its drawn figures."""
     index: int
     row: dict
-    x: torch.Tensor
     raw: dict[str, np.ndarray]
     maps: dict[str, np.ndarray]
-    label: str
+    drawing: Drawing
 
 
 @dataclass
@@ -282,10 +294,42 @@ class BatchResult:
     layers: dict[str, str | None]
 
 
+class FigureMaker:
+    """Draws one image's figures from its maps: a contact-sheet row past CONTACT_SHEET_THRESHOLD images,
+    else its side-by-side figure and the overlays of the methods in ``overlays``. Any rank can draw; the
+    result depends only on the image and its maps."""
+
+    def __init__(self, loaded: LoadedModel, paths: list[Path], methods: list[str], overlays: list[str] | None):
+        from .plots.attribution import ContactSheets
+
+        self.loaded, self.methods, self.overlays = loaded, methods, overlays or []
+        self.names, self.stems = display_names(paths), distinct_stems(paths)
+        self.sheets = len(paths) > CONTACT_SHEET_THRESHOLD
+        self.rows = ContactSheets(None, methods) if self.sheets else None
+
+    def draw(self, index: int, x: torch.Tensor, raw: dict[str, np.ndarray], maps: dict[str, np.ndarray],
+             label: str) -> Drawing:
+        from .plots.attribution import method_panel, methods_png, overlay_png, shows_sign
+
+        image = self.loaded.deprocess(x)
+        panels = {m: method_panel(m, image, raw[m], maps[m]) for m in self.methods}
+        name, stem = self.names[index], self.stems[index]
+        if self.rows is not None:
+            return Drawing(band=self.rows.band(f"{name}: {label}", image, panels))
+        files, entry = {}, {"overlays": {}}
+        for m in self.overlays:
+            entry["overlays"][m] = f"{stem}_{file_safe(m)}.png"
+            files[entry["overlays"][m]] = overlay_png(image, panels[m], f"{m}: {label}", shows_sign(m))
+        entry["methods"] = f"{stem}_methods.png"
+        files[entry["methods"]] = methods_png(image, panels, f"{name}: {label}")
+        return Drawing(files=files, entry=entry)
+
+
 def explain_batch(loaded: LoadedModel, paths: list[Path], indices: list[int], x: torch.Tensor, methods: list[str],
-                  target: int | None | RegionTarget, layer: str | None, options: dict[str, dict] | None = None
-                  ) -> BatchResult:
-    """Predictions and every method's maps for the images ``paths[i] for i in indices`` (stacked in ``x``)."""
+                  target: int | None | RegionTarget, layer: str | None, figures: FigureMaker,
+                  options: dict[str, dict] | None = None) -> BatchResult:
+    """Predictions, every method's maps and the drawn figures of the images ``paths[i] for i in indices``
+    (stacked in ``x``)."""
     run = run_methods(loaded, x, methods, target, layer, progress=False, options=options)
     rows = prediction_rows(loaded, [paths[i] for i in indices], predict(loaded, x), 5)
     first = run["results"][methods[0]]
@@ -293,33 +337,77 @@ def explain_batch(loaded: LoadedModel, paths: list[Path], indices: list[int], x:
     maps = {m: run["results"][m].maps.detach().cpu().numpy() for m in methods}
     region = f"{loaded.class_names[int(target.classes[0])]} in region" if isinstance(target, RegionTarget) \
         else "custom target"
-    images = [ImageResult(i, row, x[k].cpu(), {m: raw[m][k] for m in methods}, {m: maps[m][k] for m in methods},
-                          loaded.class_names[int(first.targets[k])] if first.target.is_class else region)
-              for k, (row, i) in enumerate(zip(rows, indices))]
+    images = []
+    for k, (row, i) in enumerate(zip(rows, indices)):
+        label = loaded.class_names[int(first.targets[k])] if first.target.is_class else region
+        image_raw, image_maps = {m: raw[m][k] for m in methods}, {m: maps[m][k] for m in methods}
+        images.append(ImageResult(i, row, image_raw, image_maps, figures.draw(i, x[k].cpu(), image_raw, image_maps,
+                                                                             label)))
     return BatchResult(images, run["seconds"], {m: run["results"][m].layer for m in methods})
 
 
-class ExplainWriter:
-    """Writes explained batches in dataset order: rows, figures (contact sheets past
-    CONTACT_SHEET_THRESHOLD images) and ``maps.npz`` streamed batch by batch."""
+class HeldReporter(SkipReporter):
+    """One process's reporter for the whole job: skip lines wait until an image was read (a run whose
+    only image is bad ends in one line); :meth:`close`, not the per-step ``finish``, raises."""
 
-    def __init__(self, loaded: LoadedModel, out: Path, paths: list[Path], methods: list[str],
-                 overlays: list[str] | None):
+    def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        SkipReporter.finish(self)
+
+
+class ExplainWriter:
+    """Rank 0's side of an explain job: prediction rows, figures and ``maps.npz`` rows, added in dataset
+    order. Everything is staged in the job's work folder (``OUT/.convlens-work/explain-<key>``) and
+    checkpointed there (``writer.pt``: rows, the unfinished contact sheet, how many map rows are kept),
+    so an interrupted run resumes from it; :meth:`close` moves the finished files into ``out``."""
+
+    def __init__(self, out: Path, job, figures: FigureMaker):
         from .plots.attribution import ContactSheets
 
-        self.loaded, self.out, self.methods, self.overlays = loaded, out, methods, overlays
-        self.names, self.stems = display_names(paths), distinct_stems(paths)
-        self.sheets = ContactSheets(out, methods) if len(paths) > CONTACT_SHEET_THRESHOLD else None
-        self.store = NpzStream(out / "maps.npz")
-        self.rows, self.figures, self.layers = [], {}, {}
-        self.seconds = dict.fromkeys(methods, 0.0)
+        self.out, self.job, self.methods = out, job, figures.methods
+        self.names, self.stems = figures.names, figures.stems
+        self.stage = job.folder()
+        self.sheets = ContactSheets(self.stage, self.methods) if figures.sheets else None
+        self.store: NpzStream | None = None
+        self.saved_at, self.closing = time.monotonic(), False
+        self.restore(None)
 
-    def add(self, batch: BatchResult) -> None:
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.stage / "writer.pt"
+
+    def start(self, step: int) -> tuple[int, int]:
+        """(first step to compute, step size): a resumed job's from its checkpoint; else (0, ``step``) on a
+        cleared work folder."""
+        with unrecorded():
+            if self.job.resume and self.checkpoint_path.is_file():
+                try:
+                    saved = torch.load(self.checkpoint_path, weights_only=True)
+                    self.restore(saved)
+                    return int(saved["next"]), int(saved["step"])
+                except Exception as exc:  # noqa: BLE001 - a damaged checkpoint is recomputed, not fatal
+                    print(f"convlens: ignoring damaged checkpoint {display(self.checkpoint_path)}: {exc}",
+                          file=sys.stderr)
+                    self.restore(None)
+            shutil.rmtree(self.stage, ignore_errors=True)
+            self.store = NpzStream(self.out / "maps.npz", parts=ensure_dir(self.stage))
+        return 0, step
+
+    def add(self, part: tuple[list[BatchResult], list[str]]) -> None:
+        """One step's results: its explained batches and the files it could not read."""
+        batches, failures = part
+        with unrecorded():
+            for batch in batches:
+                self.add_batch(batch)
+        self.failures += failures
+
+    def add_batch(self, batch: BatchResult) -> None:
         for image in batch.images:
-            name, stem = self.names[image.index], self.stems[image.index]
-            self.rows.append({**image.row, "image": name, "output": stem})
-            self.figures[name] = image_figures(self.loaded, image, self.methods, self.overlays, self.sheets,
-                                               self.out, name, stem)
+            name = self.names[image.index]
+            self.rows.append({**image.row, "image": name, "output": self.stems[image.index]})
+            self.figures[name] = self.place(image.drawing)
         self.store.append(images=np.array([self.names[image.index] for image in batch.images], dtype="U256"),
                           **{f"{m}_raw": np.stack([image.raw[m] for image in batch.images]) for m in self.methods},
                           **{f"{m}_map": np.stack([image.maps[m] for image in batch.images]) for m in self.methods})
@@ -327,28 +415,79 @@ class ExplainWriter:
             self.seconds[m] += batch.seconds[m]
         self.layers.update(batch.layers)
 
-    def close(self) -> None:
-        if self.sheets is not None:
-            self.sheets.flush()
-        self.store.close()
+    def place(self, drawing: Drawing) -> dict:
+        """Stage an image's figures; returns its entry in the summary."""
+        if drawing.band is not None:
+            return self.sheets.add_band(drawing.band)
+        for file, data in drawing.files.items():
+            write_bytes(self.stage / file, data)
+            self.files.append(file)
+        return drawing.entry
 
-    def discard(self) -> None:
-        self.store.discard()
+    def state(self, next_step: int) -> dict:
+        return {"next": next_step, "step": self.job.step, "rows": self.rows, "figures": self.figures,
+                "layers": self.layers, "failures": self.failures, "files": self.files, "seconds": self.seconds,
+                "maps": self.store.state(), "sheets": None if self.sheets is None else self.sheets.state()}
+
+    def restore(self, saved: dict | None) -> None:
+        """Continue from :meth:`state` (``None``: start empty)."""
+        empty = {"rows": [], "figures": {}, "layers": {}, "failures": [], "files": [],
+                 "seconds": dict.fromkeys(self.methods, 0.0), "sheets": {"count": 0, "page": []}}
+        saved = saved or empty
+        if saved is not empty:
+            self.store = NpzStream(self.out / "maps.npz", parts=self.stage)
+            self.store.restore(saved["maps"])
+        self.rows, self.figures, self.layers = saved["rows"], saved["figures"], saved["layers"]
+        self.failures, self.files, self.seconds = saved["failures"], saved["files"], saved["seconds"]
+        if self.sheets is not None:
+            self.sheets.restore(saved["sheets"])
+
+    def after_round(self, next_step: int) -> None:
+        """Checkpoint every CONVLENS_CHECKPOINT_SECONDS (rank 0, after a round's results are staged)."""
+        from . import distributed
+
+        if self.job.out is None or time.monotonic() - self.saved_at < distributed.checkpoint_seconds():
+            return
+        with unrecorded():
+            save_torch(self.checkpoint_path, self.state(next_step))
+        self.saved_at = time.monotonic()
+
+    def close(self) -> None:
+        """Join ``maps.npz`` and move the staged figures into ``out``."""
+        self.closing = True  # from here on the staged files leave the work folder: no resuming from it
+        with unrecorded():
+            if self.sheets is not None:
+                self.sheets.flush()
+        self.store.close()
+        pages = -(-self.sheets.count // self.sheets.rows) if self.sheets is not None else 0
+        for file in self.files + [self.sheets.name(p) for p in range(pages)]:
+            move_file(self.stage / file, self.out / file)
+
+    def abandon(self) -> None:
+        """After a failure: keep the work folder for ``--resume`` when it holds a checkpoint (and the final
+        writing had not begun), else remove it."""
+        if self.closing or not self.checkpoint_path.is_file():
+            self.job.cleanup()
 
 
 def explain(loaded: LoadedModel, items, out: str | Path, methods: list[str] | None = None,
             target: str | None = None, layer: str | None = None, progress: bool = True,
             overlays: list[str] | None = None, batch_size: int | None = None, region: str | None = None,
-            tokens: TokenLayout | None = None) -> dict | None:
+            tokens: TokenLayout | None = None, resume: bool = False) -> dict | None:
     """Predictions, one side-by-side figure per image (contact sheets past CONTACT_SHEET_THRESHOLD
     images), overlays of the methods in ``overlays`` (default none), and every raw map in ``maps.npz``
     (rows in the order of ``summary["predictions"]``), all in ``out``.
 
-    Images go through in batches of ``batch_size`` (default: what fits in memory, at most 32), so
-    memory stays flat in the number of images. ``target``: a class index or name; ``region``: for a
-    segmentation model, 'CLASS:MASK.png' or 'CLASS:x0,y0,x1,y1' (:mod:`convlens.explain_targets`);
-    ``tokens``: how CAM methods read a token layer (default: the profile's ``explain_tokens``). Under torchrun each rank explains a contiguous block
-    of the images and rank 0 writes everything (:func:`sharded_explain`; other ranks return None).
+    ``target``: a class index or name; ``region``: for a segmentation model, 'CLASS:MASK.png' or
+    'CLASS:x0,y0,x1,y1' (:mod:`convlens.explain_targets`); ``tokens``: how CAM methods read a token layer
+    (default: the profile's ``explain_tokens``).
+
+    The images go in steps of ``batch_size`` (default: what fits in memory, at most 32), so memory stays
+    flat in the number of images. Under torchrun the steps (at most ⌈n/W⌉ images, so every rank gets
+    work) are dealt to the ranks round-robin (``distributed.deal``); each rank computes and draws its
+    steps, and after each round rank 0 receives the round's rows, maps and drawn figures in dataset order
+    and alone writes them (other ranks return None). Rank 0 checkpoints what it has written (see
+    :class:`ExplainWriter`); with ``resume`` an interrupted run's finished steps are not computed again.
     """
     from . import distributed
 
@@ -362,62 +501,44 @@ def explain(loaded: LoadedModel, items, out: str | Path, methods: list[str] | No
     paths = expand_image_paths(items)
     check_out_not_input(out, items)
     plan = explain_plan(loaded, methods, batch_size)
-    if distributed.active():
-        return sharded_explain(loaded, paths, out, methods, target_index, layer, progress, overlays, plan, options)
-    writer = ExplainWriter(loaded, ensure_dir(out), paths, methods, overlays)
-    reporter = SkipReporter()
-    bar = progress_of(desc="images", total=len(paths), unit="image", enabled=progress)
-    try:
-        for indices, x in iter_image_batches(paths, image_mode(loaded), loaded.preprocess, plan.batch_size,
-                                             reporter):
-            writer.add(explain_batch(loaded, paths, indices, x, methods, target_index, layer, options))
-            bar.update(len(indices))
-        writer.close()
-    finally:
-        writer.discard()
-        bar.close()
-    return write_summary(loaded, writer, reporter.failures, plan)
-
-
-def sharded_explain(loaded: LoadedModel, paths: list[Path], out: str | Path, methods: list[str],
-                    target: int | None | RegionTarget, layer: str | None, progress: bool,
-                    overlays: list[str] | None, plan: BatchPlan, options: dict[str, dict] | None = None
-                    ) -> dict | None:
-    """:func:`explain` under torchrun: the images go in steps of ≤ ``plan.batch_size`` (at most ⌈n/W⌉, so
-    every rank gets work), dealt to the ranks round-robin (``distributed.deal``: fault hook, peer checks,
-    one progress bar); after each round rank 0 receives the round's per-image results in dataset order
-    and alone draws and writes them, so memory stays flat on every rank. Other ranks return None."""
-    from . import distributed
-
+    figures = FigureMaker(loaded, paths, methods, overlays)
+    key = distributed.fingerprint(loaded.model, paths=[str(p) for p in paths], methods=methods, target=target,
+                                  region=region, layout=repr(layout), layer=layer, overlays=overlays,
+                                  batch_size=batch_size)
     step = max(1, min(plan.batch_size, -(-len(paths) // distributed.world_size())))
-    job = distributed.Job("explain", len(paths), step, progress=progress)
-    writer = ExplainWriter(loaded, ensure_dir(out), paths, methods, overlays) if distributed.is_writer() else None
-    failures: list[str] = []
+    job = distributed.Job("explain", len(paths), step, Path(out), key, resume, progress)
+    writer = ExplainWriter(ensure_dir(out), job, figures) if distributed.is_writer() else None
+    reporter = HeldReporter() if not distributed.active() else SliceReporter()
 
     def compute(lo: int, hi: int) -> tuple[list[BatchResult], list[str]]:
-        reporter = SliceReporter()
-        batches = [explain_batch(loaded, paths, [lo + i for i in indices], x, methods, target, layer, options)
+        before = len(reporter.failures)
+        batches = [explain_batch(loaded, paths, [lo + i for i in indices], x, methods, target_index, layer, figures,
+                                 options)
                    for indices, x in iter_image_batches(paths[lo:hi], image_mode(loaded), loaded.preprocess,
                                                         plan.batch_size, reporter)]
-        return batches, reporter.failures
-
-    def emit(part: tuple[list[BatchResult], list[str]]) -> None:
-        for batch in part[0]:
-            writer.add(batch)
-        failures.extend(part[1])
+        return batches, reporter.failures[before:]
 
     try:
-        distributed.deal(job, compute, emit)
+        first, job.step = distributed.from_writer(list(writer.start(step)) if writer else [0, 0])
+        if first and writer is not None and writer.rows:
+            reporter.any_read = True
+        distributed.deal(job, compute, writer.add if writer else lambda part: None, first,
+                         writer.after_round if writer else None)
         if writer is None:
             return None
         if not writer.rows:
-            raise ConvlensError(failures[0] if len(failures) == 1 else
-                                f"none of the {len(failures)} given images could be read")
+            if isinstance(reporter, HeldReporter):
+                reporter.close()
+            raise ConvlensError(writer.failures[0] if len(writer.failures) == 1 else
+                                f"none of the {len(writer.failures)} given images could be read")
         writer.close()
-    finally:
+        summary = write_summary(loaded, writer, writer.failures, plan)
+    except BaseException:
         if writer is not None:
-            writer.discard()
-    return write_summary(loaded, writer, failures, plan)
+            writer.abandon()
+        raise
+    job.cleanup()
+    return summary
 
 
 def write_summary(loaded: LoadedModel, writer: ExplainWriter, failures: list[str], plan: BatchPlan) -> dict:
@@ -438,21 +559,3 @@ def explain_plan(loaded: LoadedModel, methods: list[str], batch_size: int | None
     inner = max([method_info(m).fast_options.get("batch_size", 0) for m in methods] + [0])
     return plan_batch_size(activation_bytes(loaded.model, sample.to(loaded.device)), result_bytes, inner, batch_size,
                            available_bytes())
-
-
-def image_figures(loaded: LoadedModel, image_result: ImageResult, methods: list[str], overlays: list[str] | None,
-                  sheets, out: Path, name: str, stem: str) -> dict:
-    """Figures of one image: its side-by-side figure (or contact-sheet row) and overlays."""
-    from .plots.attribution import method_panel, plot_methods, plot_overlay, shows_sign
-
-    image = loaded.deprocess(image_result.x)
-    label = image_result.label
-    panels = {m: method_panel(m, image, image_result.raw[m], image_result.maps[m]) for m in methods}
-    if sheets is not None:
-        return sheets.add(f"{name}: {label}", image, panels)
-    figure = {"overlays": {}}
-    for m in overlays or []:
-        figure["overlays"][m] = plot_overlay(image, panels[m], f"{m}: {label}", out / f"{stem}_{file_safe(m)}.png",
-                                             shows_sign(m)).name
-    figure["methods"] = plot_methods(image, panels, f"{name}: {label}", out / f"{stem}_methods.png").name
-    return figure

@@ -397,8 +397,8 @@ def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     return write_bytes(path, buf.getvalue())
 
 
-def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
-    """Save a matplotlib figure atomically as PNG and close it."""
+def figure_png(fig, dpi: int = 110) -> bytes:
+    """A matplotlib figure as PNG bytes; the figure is closed."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
@@ -406,28 +406,78 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
         fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     finally:
         plt.close(fig)
-    return write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
+    """Save a matplotlib figure atomically as PNG and close it."""
+    return write_bytes(path, figure_png(fig, dpi))
+
+
+def move_file(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Rename ``src`` over ``dst`` (same file system: atomic); ``dst`` is removed again if the command fails."""
+    dst = check_output_file(dst)
+    existed = os.path.lexists(dst)
+    try:
+        os.replace(src, dst)
+    except OSError as exc:
+        raise write_error(dst, exc) from None
+    if not existed:
+        _record("files", dst)
+    return dst
 
 
 class NpzStream:
     """Arrays written batch by batch, joined into one ``.npz`` at the end (memory flat in the row count).
 
-    ``append(name=array, …)`` adds rows along axis 0 to hidden part files next to ``path``;
-    ``close()`` writes the stored (uncompressed) npz atomically and removes the parts.
+    ``append(name=array, …)`` adds rows along axis 0 to hidden part files next to ``path`` (or, to
+    resume after an interruption, to fixed part files in ``parts``: :meth:`state` says how many rows are
+    kept, :meth:`restore` truncates the parts back to such a state); ``close()`` writes the stored
+    (uncompressed) npz atomically and removes the parts.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, parts: str | os.PathLike | None = None) -> None:
         self.path = Path(path)
         check_output_file(self.path)
         self.folder = ensure_dir(self.path.parent)
+        self.parts_dir = None if parts is None else ensure_dir(parts)
         self.parts: dict[str, tuple[Path, int, np.dtype, tuple]] = {}
+
+    def _new_part(self, name: str) -> Path:
+        if self.parts_dir is not None:
+            part = self._kept_part(name)
+            part.write_bytes(b"")
+            return part
+        return temp_path(self.folder, ".part.tmp")
+
+    def _kept_part(self, name: str) -> Path:
+        """The part file of array ``name`` in the parts folder (named by a hash: any array name is safe)."""
+        return self.parts_dir / f"{hashlib.sha1(name.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}.part"
+
+    def state(self) -> dict:
+        """Rows, dtype and row shape of every array so far (plain values, for a checkpoint)."""
+        return {name: {"rows": rows, "dtype": dtype.str, "shape": list(shape)}
+                for name, (_, rows, dtype, shape) in self.parts.items()}
+
+    def restore(self, state: dict) -> None:
+        """Continue from :meth:`state`: the persistent parts are cut back to the rows it counts."""
+        if self.parts_dir is None:
+            raise ValueError("only an NpzStream with a parts folder can be restored")
+        self.parts = {}
+        for name, info in state.items():
+            part, dtype, shape = self._kept_part(name), np.dtype(info["dtype"]), tuple(info["shape"])
+            size = int(info["rows"]) * dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+            if not part.is_file() or part.stat().st_size < size:
+                raise ConvlensError(f"{display(part)}: shorter than its checkpoint says")
+            os.truncate(part, size)
+            self.parts[name] = (part, int(info["rows"]), dtype, shape)
 
     def append(self, **arrays: np.ndarray) -> None:
         for name, arr in arrays.items():
             arr = np.ascontiguousarray(arr)
             if name not in self.parts:
                 try:
-                    part = temp_path(self.folder, ".part.tmp")
+                    part = self._new_part(name)
                 except OSError as exc:
                     raise write_error(self.path, exc) from None
                 self.parts[name] = (part, 0, arr.dtype, arr.shape[1:])

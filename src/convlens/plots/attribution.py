@@ -13,6 +13,7 @@ is comes from its class (``gradient_image``, ``signed``):
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -20,8 +21,9 @@ import numpy as np
 
 from ..attribution import method_info
 from ..errors import ConvlensError
-from ..io import save_figure
+from ..io import figure_png, save_figure, write_bytes
 from . import wrap_title
+from .png import Band, compress_band, png_from_bands
 
 ROBUST_PERCENTILE = 99.0
 SIGNED_NOTE = ("Signed maps: red raises the class score, blue lowers it; gradient images: grey = 0. "
@@ -121,7 +123,7 @@ def shows_sign(name: str) -> bool:
     return any(method_traits(name))
 
 
-def plot_overlay(image: np.ndarray, panel: np.ndarray, title: str, path: str | Path, signed: bool = False) -> Path:
+def overlay_figure(image: np.ndarray, panel: np.ndarray, title: str, signed: bool = False):
     """The input beside one method's panel (see ``method_panel``); ``signed`` adds the colour key."""
     fig, axes = plt.subplots(1, 2, figsize=(6.4, 3.4), layout="constrained")
     axes[0].imshow(to_rgb(image))
@@ -132,10 +134,18 @@ def plot_overlay(image: np.ndarray, panel: np.ndarray, title: str, path: str | P
         ax.axis("off")
     if signed:
         fig.supxlabel(wrap_title(SIGNED_NOTE, 6.4, 8), fontsize=8)
-    return save_figure(fig, path)
+    return fig
 
 
-def plot_methods(image: np.ndarray, panels: dict[str, np.ndarray], title: str, path: str | Path) -> Path:
+def plot_overlay(image: np.ndarray, panel: np.ndarray, title: str, path: str | Path, signed: bool = False) -> Path:
+    return save_figure(overlay_figure(image, panel, title, signed), path)
+
+
+def overlay_png(image: np.ndarray, panel: np.ndarray, title: str, signed: bool = False) -> bytes:
+    return figure_png(overlay_figure(image, panel, title, signed))
+
+
+def methods_figure(image: np.ndarray, panels: dict[str, np.ndarray], title: str):
     """Input, then one panel per method (see ``method_panel``)."""
     n = len(panels) + 1
     cols = min(n, 5)
@@ -153,22 +163,69 @@ def plot_methods(image: np.ndarray, panels: dict[str, np.ndarray], title: str, p
     fig.suptitle(title, fontsize=10)
     if any(shows_sign(name) for name in panels):
         fig.supxlabel(SIGNED_NOTE, fontsize=8)
-    return save_figure(fig, path)
+    return fig
+
+
+def plot_methods(image: np.ndarray, panels: dict[str, np.ndarray], title: str, path: str | Path) -> Path:
+    return save_figure(methods_figure(image, panels, title), path)
+
+
+def methods_png(image: np.ndarray, panels: dict[str, np.ndarray], title: str) -> bytes:
+    return figure_png(methods_figure(image, panels, title))
 
 
 class ContactSheets:
     """Many images on few pages: one row per image (input, then one panel per method, see
     ``method_panel``), ``rows`` rows per page, written as ``sheet-001.png``, ``sheet-002.png``… Drawn
-    with Pillow (no axes), so a thousand images cost seconds, not minutes."""
+    with Pillow (no axes), so a thousand images cost seconds, not minutes.
 
-    def __init__(self, out: str | Path, methods: list[str], rows: int = 20, cell: int = 96, label: int = 14):
-        self.out, self.methods, self.rows, self.cell, self.label = Path(out), methods, rows, cell, label
-        self.page: list[tuple[str, list[np.ndarray]]] = []
+    A row is drawn and compressed on its own (:meth:`band`: any process can do it, see
+    :mod:`convlens.plots.png`) and queued with :meth:`add_band`; a full page is the header band and its
+    rows' bands joined, written to ``out``. :meth:`state` and :meth:`restore` carry the unfinished page
+    across an interruption.
+    """
+
+    def __init__(self, out: str | Path | None, methods: list[str], rows: int = 20, cell: int = 96, label: int = 14):
+        self.out, self.methods, self.rows, self.cell, self.label = out and Path(out), methods, rows, cell, label
+        self.page: list[Band] = []
         self.count = 0
 
+    def row(self, caption: str, image: np.ndarray, panels: dict[str, np.ndarray]) -> np.ndarray:
+        """One image's row, (label + cell, cols·cell, 3) uint8: its caption above the input and one panel
+        per method."""
+        from PIL import Image, ImageDraw
+
+        c, cols = self.cell, 1 + len(self.methods)
+        strip = Image.new("RGB", (cols * c, self.label + c), "white")
+        ImageDraw.Draw(strip).text((2, 1), latin1(caption[: cols * c // 6]), fill="black")
+        for j, panel in enumerate([to_rgb(image)] + [panels[m] for m in self.methods]):
+            tile = Image.fromarray((np.clip(panel, 0, 1) * 255).astype(np.uint8)).resize((c, c), Image.NEAREST)
+            strip.paste(tile, (j * c, self.label))
+        return np.asarray(strip)
+
+    def band(self, caption: str, image: np.ndarray, panels: dict[str, np.ndarray]) -> Band:
+        """One image's row (:meth:`row`), compressed for a page."""
+        return compress_band(self.row(caption, image, panels))
+
+    @functools.cached_property
+    def header(self) -> Band:
+        """The column titles above every page, compressed once."""
+        from PIL import Image, ImageDraw
+
+        c = self.cell
+        strip = Image.new("RGB", ((1 + len(self.methods)) * c, self.label), "white")
+        draw = ImageDraw.Draw(strip)
+        for j, title in enumerate(["input", *self.methods]):
+            draw.text((j * c + 2, 1), latin1(title[: c // 6]), fill="black")
+        return compress_band(np.asarray(strip))
+
     def add(self, caption: str, image: np.ndarray, panels: dict[str, np.ndarray]) -> dict:
-        """Queue one image's row; returns where it lands: {"sheet": file name, "row": index}."""
-        self.page.append((caption, [to_rgb(image)] + [panels[m] for m in self.methods]))
+        """Draw and queue one image's row; returns where it lands: {"sheet": file name, "row": index}."""
+        return self.add_band(self.band(caption, image, panels))
+
+    def add_band(self, band: Band) -> dict:
+        """Queue a row made by :meth:`band`; a full page is written. Returns where the row lands."""
+        self.page.append(band)
         where = {"sheet": self.name(self.count // self.rows), "row": len(self.page) - 1}
         self.count += 1
         if len(self.page) == self.rows:
@@ -178,31 +235,27 @@ class ContactSheets:
     def name(self, page: int) -> str:
         return f"sheet-{page + 1:03d}.png"
 
-    def flush(self) -> None:
-        import io
-
-        from PIL import Image, ImageDraw
-
-        from ..io import write_bytes
-
+    def flush(self) -> str | None:
+        """Write the queued rows as a page (the last one may be short); returns its file name."""
         if not self.page:
-            return
-        c, lab = self.cell, self.label
-        cols = 1 + len(self.methods)
-        sheet = Image.new("RGB", (cols * c, lab + len(self.page) * (c + lab)), "white")
-        draw = ImageDraw.Draw(sheet)
-        for j, title in enumerate(["input", *self.methods]):
-            draw.text((j * c + 2, 1), latin1(title[: c // 6]), fill="black")
-        for i, (caption, panels) in enumerate(self.page):
-            top = lab + i * (c + lab)
-            draw.text((2, top + 1), latin1(caption[: cols * c // 6]), fill="black")
-            for j, panel in enumerate(panels):
-                tile = Image.fromarray((np.clip(panel, 0, 1) * 255).astype(np.uint8)).resize((c, c), Image.NEAREST)
-                sheet.paste(tile, (j * c, top + lab))
-        buf = io.BytesIO()
-        sheet.save(buf, format="PNG")
-        write_bytes(self.out / self.name((self.count - 1) // self.rows), buf.getvalue())
+            return None
+        name = self.name((self.count - 1) // self.rows)
+        write_bytes(self.out / name, png_from_bands([self.header, *self.page]))
         self.page = []
+        return name
+
+    def state(self) -> dict:
+        """The rows so far and the unfinished page (tensors and ints, for a checkpoint)."""
+        import torch
+
+        return {"count": self.count,
+                "page": [{"data": torch.frombuffer(bytearray(b.data), dtype=torch.uint8), "adler": b.adler,
+                          "length": b.length, "height": b.height, "width": b.width} for b in self.page]}
+
+    def restore(self, state: dict) -> None:
+        self.count = int(state["count"])
+        self.page = [Band(bytes(b["data"].numpy().tobytes()), int(b["adler"]), int(b["length"]), int(b["height"]),
+                          int(b["width"])) for b in state["page"]]
 
 
 def latin1(text: str) -> str:
