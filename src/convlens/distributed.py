@@ -116,6 +116,7 @@ def setup() -> bool:
     except (RuntimeError, ValueError) as exc:
         raise ConvlensError(f"cannot join the process group (rank {os.environ['RANK']}): {first_line(exc)}") from None
     signal.signal(signal.SIGTERM, _on_sigterm)
+    sys.unraisablehook = _keep_termination(sys.unraisablehook)
     return True
 
 
@@ -124,8 +125,23 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+_terminated = False
+
+
 def _on_sigterm(signum, frame) -> None:
+    global _terminated
+    _terminated = True
     raise Terminated("terminated by the launcher")
+
+
+def _keep_termination(default_hook):
+    """An unraisable-exception hook: SIGTERM's exception raised where Python cannot propagate it (a weakref
+    callback, a ``__del__``) is not printed as a traceback; the flag set by the handler makes the next
+    collective raise it instead (``_collective``)."""
+    def hook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, Terminated):
+            default_hook(unraisable)
+    return hook
 
 
 def device_of(module: torch.nn.Module) -> torch.device:
@@ -155,6 +171,8 @@ def shard(count: int, of_rank: int | None = None, of_world: int | None = None) -
 
 # ---------------------------------------------------------------- collectives
 def _collective(what: str, fn: Callable[[], T]) -> T:
+    if _terminated:  # SIGTERM arrived where its exception could not propagate
+        raise Terminated("terminated by the launcher")
     try:
         return fn()
     except Terminated:
