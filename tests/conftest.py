@@ -44,6 +44,16 @@ def trained_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def lab_dir(tmp_path_factory) -> Path:
+    """`convlens lab --fast` by one process (shared by tests/test_lab.py and the distributed lab test)."""
+    out = tmp_path_factory.mktemp("lab")
+    proc = run_cli("lab", "--fast", "--out", out, "--quiet", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith("index.html")
+    return out
+
+
+@pytest.fixture(scope="session")
 def lab_model(trained_run):
     from convlens.models import load_model
 

@@ -1,6 +1,7 @@
 """Distributed runs: shards, resumable folds, collectives, and `torchrun` jobs equal to one process."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from convlens import distributed
+from convlens.errors import ConvlensError
 from convlens.io import save_torch
 from convlens.stats import FilterStats
 
@@ -412,3 +414,235 @@ def test_explain_failing_rank_leaves_no_outputs(trained_run, mnist_test, tmp_pat
     assert_one_error_line(proc, "rank 1 failed", "injected fault at step 2")
     assert visible(out) == []
     assert not list(out.rglob("*.tmp"))
+
+
+# ---------------------------------------------------------------- report and lab
+def digit_folder(folder, x, y, digits=(0, 1, 7), per_digit=100, broken="7/broken.png"):
+    """A labelled folder of MNIST test digits (PNG), one sub-folder per digit, and one unreadable file."""
+    from PIL import Image
+
+    for digit in digits:
+        (folder / str(digit)).mkdir(parents=True)
+        for i in (y == digit).nonzero()[:per_digit, 0].tolist():
+            Image.fromarray((x[i, 0].numpy() * 255).astype(np.uint8), "L").save(folder / str(digit) / f"{i:05d}.png")
+    if broken:
+        (folder / broken).write_bytes(b"not a png")
+    return folder
+
+
+def stage_result(out, stage):
+    return json.loads((out / stage / "stage.json").read_text())["result"]
+
+
+def without_record(page: str) -> str:
+    """The page without its run-record section (timings and date differ from run to run)."""
+    kept, removed = re.subn(r"<section id=['\"]record['\"]>.*?</section>", "", page, flags=re.S)
+    assert removed == 1
+    return kept
+
+
+def assert_evaluation_equal(a, b):
+    assert a["images"] == b["images"] and a["targets"] == b["targets"] and a["skipped"] == b["skipped"]
+    assert a["table"].keys() == b["table"].keys()
+    for method in a["table"]:
+        for metric in ("deletion_auc", "insertion_auc", "average_drop", "increase_in_confidence"):
+            assert b["table"][method][metric] == pytest.approx(a["table"][method][metric], rel=1e-6, abs=1e-12)
+        for curve in ("deletion_mean", "insertion_mean"):
+            np.testing.assert_allclose(b["curves"][method][curve], a["curves"][method][curve], rtol=1e-6)
+    assert ("sanity" in a) == ("sanity" in b)
+    if "sanity" in a:
+        np.testing.assert_allclose(flat_numbers(b["sanity"]), flat_numbers(a["sanity"]), rtol=1e-6, atol=1e-9)
+
+
+def flat_numbers(tree) -> list[float]:
+    if isinstance(tree, dict):
+        return [v for k in sorted(tree) for v in flat_numbers(tree[k])]
+    if isinstance(tree, list):
+        return [v for item in tree for v in flat_numbers(item)]
+    return [float(tree)] if isinstance(tree, (int, float)) and not isinstance(tree, bool) else []
+
+
+@pytest.mark.slow
+def test_report_two_processes_equal_one(trained_run, mnist_test, tmp_path):
+    """`report` on 300 digits in 3 class folders and one unreadable file: accuracy (2 steps of 256:
+    uneven), statistics, explanations and faithfulness split across 2 ranks equal one process; rank 0
+    alone writes; the pages are equal apart from the run record; a second torchrun run reuses every stage."""
+    x, y = mnist_test
+    folder = digit_folder(tmp_path / "digits", x, y)
+    args = ("report", "--model", trained_run, "--data", folder, "--methods", "gradcam,saliency", "--quiet")
+    one, two = tmp_path / "one", tmp_path / "two"
+    proc = single(*args, "--out", one)
+    assert proc.returncode == 0, proc.stderr
+    proc = torchrun(*args, "--out", two)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str((two / "index.html").resolve())  # printed once, by rank 0
+    assert sum("broken.png" in line for line in proc.stderr.splitlines()) == 2  # accuracy and stats, once each
+    assert "rank 0 runs it alone" not in proc.stderr
+
+    a, b = stage_result(one, "accuracy"), stage_result(two, "accuracy")
+    assert b["confusion"] == a["confusion"] and b["images"] == a["images"] == 300
+    assert b["accuracy"] == a["accuracy"] and b["skipped"] == a["skipped"] and len(b["skipped"]) == 1
+    assert [{k: v for k, v in r.items() if k != "probability"} for r in b["rows"]] == \
+        [{k: v for k, v in r.items() if k != "probability"} for r in a["rows"]]
+    np.testing.assert_allclose([r["probability"] for r in b["rows"]], [r["probability"] for r in a["rows"]], rtol=1e-6)
+    assert sum(map(sum, b["confusion"])) == 300
+    assert_stats_equal(one / "stats", two / "stats")
+    names = [r["image"] for r in stage_result(one, "explain")["predictions"]]
+    assert len(names) == 6  # 2 per class
+    assert_explain_equal(one / "explain", two / "explain", names)
+    assert_evaluation_equal(json.loads((one / "evaluate" / "evaluation.json").read_text()),
+                            json.loads((two / "evaluate" / "evaluation.json").read_text()))
+    assert stage_result(two, "actmax")["probabilities"] == stage_result(one, "actmax")["probabilities"]
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert {k: v for k, v in sa.items() if k != "run"} == {k: v for k, v in sb.items() if k != "run"}
+    assert without_record((one / "index.html").read_text()) == without_record((two / "index.html").read_text())
+    assert visible(one) == visible(two)
+    for stage in ("accuracy", "stats", "actmax", "explain", "evaluate"):
+        assert visible(one / stage) == visible(two / stage), stage
+    assert not list(two.rglob(distributed.WORK_DIR))
+
+    again = torchrun(*args, "--out", two)
+    assert again.returncode == 0, again.stderr
+    timings = json.loads((two / "summary.json").read_text())["run"]["timings"]
+    assert all(timings[s]["cached"] for s in ("accuracy", "stats", "actmax", "explain", "evaluate"))
+
+
+@pytest.mark.slow
+def test_report_failing_rank_leaves_no_outputs(trained_run, mnist_test, tmp_path):
+    """Rank 1 fails in the accuracy stage: one error line, no page, no stage result, no file at all."""
+    x, y = mnist_test
+    folder = digit_folder(tmp_path / "digits", x, y, per_digit=40, broken=None)
+    out = tmp_path / "fail"
+    proc = torchrun("report", "--model", trained_run, "--data", folder, "--methods", "gradcam", "--quiet",
+                    "--out", out, env={distributed.FAULT_ENV: "raise@1:0"})
+    assert_one_error_line(proc, "rank 1 failed", "injected fault at step 0")
+    assert not [p for p in out.rglob("*") if p.is_file()]
+
+
+@pytest.mark.slow
+def test_lab_two_processes_equal_one(lab_dir, tmp_path):
+    """`lab --fast` under torchrun (2 ranks) with the training of the one-process run (rank 0 finds it
+    cached and sends the network to rank 1): statistics, explanations and faithfulness equal one process."""
+    import shutil
+
+    out = tmp_path / "lab2"
+    out.mkdir()
+    shutil.copytree(lab_dir / "train", out / "train")
+    proc = torchrun("lab", "--fast", "--out", out, "--quiet", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == str((out / "index.html").resolve())
+    timings = json.loads((out / "summary.json").read_text())["run"]["timings"]
+    assert timings["train"]["cached"] is True
+    assert not any(timings[s]["cached"] for s in ("featuremaps", "stats", "actmax", "explain", "evaluate"))
+    assert_stats_equal(lab_dir / "stats", out / "stats")
+    assert_evaluation_equal(json.loads((lab_dir / "evaluate" / "evaluation.json").read_text()),
+                            json.loads((out / "evaluate" / "evaluation.json").read_text()))
+    ea, eb = np.load(lab_dir / "explain" / "maps.npz"), np.load(out / "explain" / "maps.npz")
+    assert sorted(ea.files) == sorted(eb.files)
+    for key in ea.files:
+        if key != "images":
+            np.testing.assert_allclose(eb[key], ea[key], rtol=1e-6, atol=1e-6, err_msg=key)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (lab_dir, out))
+    assert sa["exercise1"] == sb["exercise1"] and sa["exercise2"] == sb["exercise2"]
+    assert sa["faithfulness"]["best_deletion"] == sb["faithfulness"]["best_deletion"]
+    for stage in ("featuremaps", "stats", "actmax", "explain", "evaluate"):
+        assert visible(lab_dir / stage) == visible(out / stage), stage
+    assert not list(out.rglob(distributed.WORK_DIR))
+
+
+# ---------------------------------------------------------------- several machines, SLURM
+STATS_ARGS = ("--limit", STATS_N, "--layers", "l1", "--quiet")
+
+
+def wait_all(procs, timeout=300):
+    """Wait for every process; kill the rest when one overruns. Returns [(returncode, stdout, stderr)]."""
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+        return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
+@pytest.mark.slow
+def test_stats_on_two_nodes_equal_one(trained_run, stats_single, tmp_path):
+    """Two separate torchrun launches as two "nodes" (static rendezvous on 127.0.0.1, one process
+    each): the statistics equal one process, node 0's rank writes them, node 1 prints nothing."""
+    out, port = tmp_path / "stats-nodes", free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+         "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+         "-m", "convlens", "stats", "--model", str(trained_run), "--out", str(out), *map(str, STATS_ARGS)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=job_env()) for node in (0, 1)]
+    (code0, stdout0, err0), (code1, stdout1, err1) = wait_all(procs)
+    assert code0 == 0 and code1 == 0, err0 + err1
+    assert stdout0.count("stats.json") == 1 and stdout1 == ""
+    assert_stats_equal(stats_single, out)
+    assert visible(out) == visible(stats_single)
+    assert not (out / distributed.WORK_DIR).exists()
+
+
+def fake_srun(args, tasks=2, extra_env=None, timeout=300):
+    """What `srun --ntasks N convlens ARGS` starts: N plain processes with SLURM's task variables (and
+    MASTER_ADDR/MASTER_PORT, as a batch script exports them), no torchrun variables."""
+    port = free_port()
+    base = {k: v for k, v in job_env().items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+            and not k.startswith(("SLURM_", "TORCHELASTIC_"))}
+    procs = [subprocess.Popen([sys.executable, "-m", "convlens", *map(str, args)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**base, "SLURM_JOB_ID": "4242", "SLURM_STEP_ID": "0", "SLURM_PROCID": str(task),
+                                   "SLURM_LOCALID": str(task), "SLURM_NTASKS": str(tasks),
+                                   "SLURM_STEP_NUM_TASKS": str(tasks), "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": str(port), **(extra_env or {})})
+             for task in range(tasks)]
+    return wait_all(procs, timeout)
+
+
+@pytest.mark.slow
+def test_stats_started_by_srun_without_torchrun_equal_one(trained_run, stats_single, tmp_path):
+    out = tmp_path / "stats-srun"
+    results = fake_srun(("stats", "--model", trained_run, "--out", out, *STATS_ARGS))
+    assert [code for code, _, _ in results] == [0, 0], "".join(err for _, _, err in results)
+    assert results[0][1].count("stats.json") == 1 and results[1][1] == ""  # task 0 alone reports
+    assert_stats_equal(stats_single, out)
+    assert visible(out) == visible(stats_single)
+    assert not (out / distributed.WORK_DIR).exists()
+
+
+@pytest.mark.slow
+def test_failing_srun_task_stops_every_task_with_one_line(trained_run, tmp_path):
+    out = tmp_path / "srun-fail"
+    results = fake_srun(("stats", "--model", trained_run, "--out", out, *STATS_ARGS),
+                        extra_env={distributed.FAULT_ENV: "raise@1:1"})
+    assert [code for code, _, _ in results] == [2, 2]
+    lines = [line for _, _, err in results for line in err.splitlines() if line.startswith("convlens: error:")]
+    assert lines == ["convlens: error: rank 1 failed: RuntimeError: injected fault at step 1"]
+    assert visible(out) == []
+
+
+SLURM_TASK = {"SLURM_JOB_ID": "7", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+              "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "MASTER_ADDR": "node1", "MASTER_PORT": "29500"}
+
+
+def test_srun_task_variables_map_to_torchrun_ones():
+    assert distributed.slurm_task_environment(SLURM_TASK) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}
+
+
+@pytest.mark.parametrize("change", [
+    {"RANK": "0", "WORLD_SIZE": "4"},             # torchrun under srun: torchrun's variables win
+    {"SLURM_STEP_NUM_TASKS": "1"},                # a step of one task: one process
+    {"SLURM_STEP_NUM_TASKS": None},               # the batch script itself (SLURM_NTASKS=4, SLURM_PROCID=0)
+    {"SLURM_PROCID": None},
+])
+def test_no_srun_task_mapping_where_it_does_not_apply(change):
+    env = {**SLURM_TASK, **change}
+    assert distributed.slurm_task_environment({k: v for k, v in env.items() if v is not None}) is None
+
+
+def test_srun_task_without_master_address_is_one_clear_error():
+    env = {k: v for k, v in SLURM_TASK.items() if k != "MASTER_ADDR"}
+    with pytest.raises(ConvlensError, match="task 3 of 4 without torchrun: set MASTER_ADDR"):
+        distributed.slurm_task_environment(env)

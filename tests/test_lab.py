@@ -6,7 +6,6 @@ import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -31,15 +30,6 @@ class Collector(HTMLParser):
             self.scripts += 1
         if tag == "link":
             self.links.append(attrs.get("href"))
-
-
-@pytest.fixture(scope="module")
-def lab_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("lab")
-    proc = run_cli("lab", "--fast", "--out", out, "--quiet", timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().endswith("index.html")
-    return out
 
 
 def test_report_is_complete_and_self_contained(lab_dir):

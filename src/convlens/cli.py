@@ -234,6 +234,8 @@ def cmd_report(a: argparse.Namespace) -> int:
 
     path = run_report(model_from(a), ReportOptions(Path(a.out), Path(a.data), a.methods, a.per_class, a.seed,
                                                      not a.quiet, a.limit))
+    if path is None:  # not the writing rank of a distributed run
+        return 0
     print(path.resolve())
     return 0
 
@@ -258,6 +260,8 @@ def cmd_lab(a: argparse.Namespace) -> int:
     from .report.lab import LabOptions, run_lab
 
     path = run_lab(LabOptions(Path(a.out), a.retrain, a.fast, a.seed, not a.quiet))
+    if path is None:  # not the writing rank of a distributed run
+        return 0
     print(path.resolve())
     return 0
 
@@ -514,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-SHARDED_COMMANDS = {"stats", "evaluate", "predict", "explain"}
+SHARDED_COMMANDS = {"stats", "evaluate", "predict", "explain", "report", "lab"}
 
 
 def run_distributed(args: argparse.Namespace) -> int:
@@ -525,7 +529,9 @@ def run_distributed(args: argparse.Namespace) -> int:
 
     try:
         distributed.setup()
-        with rollback_on_error():  # a failed rank's outputs go (its checkpoints stay, for --resume)
+        # a failed rank's outputs go (its checkpoints stay, for --resume); report and lab keep their
+        # finished stages, as in one process (each stage removes its own outputs when it fails)
+        with contextlib.nullcontext() if args.command in RESUMABLE else rollback_on_error():
             code = COMMANDS[args.command](args) or 0
     except BaseException as exc:  # noqa: BLE001 - every failure of a rank must reach the other ranks
         return distributed.report(exc)
@@ -536,12 +542,11 @@ def run_distributed(args: argparse.Namespace) -> int:
 def run_on_rank_zero(args: argparse.Namespace) -> int:
     """A command that does not split its work, under torchrun: rank 0 runs it as one process (no process
     group), the other ranks exit at once."""
-    import os
-
-    if os.environ.get("RANK") != "0":
-        return 0
+    from . import distributed
     from .io import rollback_on_error
 
+    if distributed.launch_rank() != 0:
+        return 0
     print(f"convlens: {args.command} does not split across ranks; rank 0 runs it alone", file=sys.stderr)
     with contextlib.nullcontext() if args.command in RESUMABLE else rollback_on_error():
         return COMMANDS[args.command](args) or 0

@@ -62,9 +62,38 @@ class LostContact(ConvlensError):
 
 
 # ---------------------------------------------------------------- process group
+def slurm_task_environment(env: dict | None = None) -> dict[str, str] | None:
+    """The torchrun variables of a task that ``srun`` started directly (no torchrun), from SLURM's own:
+    RANK = SLURM_PROCID, WORLD_SIZE = SLURM_STEP_NUM_TASKS, LOCAL_RANK = SLURM_LOCALID. None when
+    torchrun's variables are set, outside an ``srun`` step (a batch script has SLURM_PROCID and
+    SLURM_NTASKS but no step), or for a step of one task. MASTER_ADDR and MASTER_PORT must be set."""
+    env = os.environ if env is None else env
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_STEP_NUM_TASKS" not in env:
+        return None
+    try:
+        rank_, world, local = (int(env.get(k, "0")) for k in ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"))
+    except ValueError:
+        raise ConvlensError("SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID must be integers") from None
+    if world <= 1:
+        return None
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+    if missing:
+        raise ConvlensError(f"started by srun as task {rank_} of {world} without torchrun: set {' and '.join(missing)} "
+                            "(the first node's address and a free port) for every task")
+    return {"RANK": str(rank_), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local)}
+
+
 def launched() -> bool:
-    """True when started by torchrun (or any launcher that sets RANK and WORLD_SIZE)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    """True when started by torchrun (or any launcher that sets RANK and WORLD_SIZE), or as one of
+    several tasks of an ``srun`` step (:func:`slurm_task_environment`)."""
+    return ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or slurm_task_environment() is not None
+
+
+def launch_rank() -> int:
+    """This process's rank as its launcher numbered it (before or without joining the process group)."""
+    if active():
+        return rank()
+    return int((slurm_task_environment() or os.environ).get("RANK", "0"))
 
 
 def active() -> bool:
@@ -108,13 +137,14 @@ def setup() -> bool:
         return active()
     if not dist.is_available():
         raise ConvlensError("this PyTorch build has no torch.distributed")
+    os.environ.update(slurm_task_environment() or {})  # env:// reads RANK and WORLD_SIZE
     chosen = backend()
     if "nccl" in chosen:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     try:
         dist.init_process_group(chosen, timeout=datetime.timedelta(seconds=timeout_seconds()))
     except (RuntimeError, ValueError) as exc:
-        raise ConvlensError(f"cannot join the process group (rank {os.environ['RANK']}): {first_line(exc)}") from None
+        raise ConvlensError(f"cannot join the process group (rank {launch_rank()}): {first_line(exc)}") from None
     signal.signal(signal.SIGTERM, _on_sigterm)
     sys.unraisablehook = _keep_termination(sys.unraisablehook)
     return True
@@ -223,6 +253,16 @@ def gather_ordered(first: int, items: list[T]) -> list[T] | None:
     return [item for _, part in sorted(parts, key=lambda p: p[0]) for item in part]
 
 
+def broadcast_object(obj: T | None, what: str = "rank 0's results") -> T:
+    """Rank 0's ``obj`` on every rank (pickled over gloo; the other ranks pass None). Every rank waits
+    here until rank 0 arrives, at most ``CONVLENS_DIST_TIMEOUT`` seconds. One process: ``obj``."""
+    if not active():
+        return obj
+    box = [obj if is_writer() else None]
+    _collective(f"waiting for {what}", lambda: dist.broadcast_object_list(box, src=0))
+    return box[0]
+
+
 # ---------------------------------------------------------------- store: failure flag, progress, liveness
 def _store():
     if not active():
@@ -313,7 +353,7 @@ def report(exc: BaseException) -> int:
         return 2
     if isinstance(exc, KeyboardInterrupt):
         return 130
-    me = rank() if active() else int(os.environ.get("RANK", "0"))
+    me = launch_rank()
     if isinstance(exc, (Terminated, LostContact)):
         gone = unfinished_ranks()
         who = f"rank{'s' if len(gone) > 1 else ''} {', '.join(map(str, gone))}" if gone else "another rank"

@@ -21,7 +21,7 @@ from . import __version__
 from .data.mnist import load_mnist, train_val_split
 from .errors import ConvlensError
 from .integrity import digest_record
-from .io import ensure_dir, save_torch, write_json
+from .io import ensure_dir, save_torch, unrecorded, write_json
 from .models.labnet import LabNet
 from .models.registry import CHECKPOINT_FORMAT, load_checkpoint
 from .progress import progress as progress_of
@@ -251,8 +251,9 @@ def train(out: str | Path, recipe: Recipe, seed: int = 0, resume: bool = False, 
                     "state_dict": {k: v.detach().clone() for k, v in scored.state_dict().items()}}
         epochs.set_postfix(loss=f"{row['train_loss']:.4f}", val_acc=f"{row['val_accuracy']:.4f}")
         extra = {"average": average.state()} if average is not None else {}
-        save_torch(ckpt_path, checkpoint_dict(model, meta, optimizer=opt.state_dict(), history=history,
-                                              epoch=epoch + 1, best=best, **extra))
+        with unrecorded():  # the checkpoint outlives a failure: a re-run resumes from it
+            save_torch(ckpt_path, checkpoint_dict(model, meta, optimizer=opt.state_dict(), history=history,
+                                                  epoch=epoch + 1, best=best, **extra))
     model.load_state_dict(best["state_dict"])
     return finish(out, model, meta, history, best["epoch"], (xte, yte))
 

@@ -162,7 +162,11 @@ def load_model(spec: str | None = None, device: str | torch.device = "cpu", weig
                            {"source": spec})
     reject_extras(spec, weights, spec_profile)
     path = checkpoint_path_for(spec)
-    ckpt = load_checkpoint(path)
+    return loaded_from_checkpoint(load_checkpoint(path), path, device)
+
+
+def loaded_from_checkpoint(ckpt: dict, path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
+    """The lab network of a checkpoint read by :func:`load_checkpoint` from ``path``."""
     model = labnet_from_checkpoint(ckpt, str(path)).to(device)
     return LoadedModel(model, lab_profile(str(path)), ckpt.get("meta", {}))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__
+from .. import __version__, distributed
 from ..attribution import method_info
 from ..data.folders import scan_labelled_folder, stream_batches
 from ..errors import ConvlensError
@@ -51,32 +51,50 @@ def check_options(opts: ReportOptions) -> None:
         raise ConvlensError(f"--out {opts.out} lies inside the data folder {opts.data}: choose another folder")
 
 
-def stage_accuracy(loaded: LoadedModel, folder, names: list[str], items, out: Path, progress: bool) -> dict:
+ACCURACY_BATCH, ACCURACY_STEP = 64, 256  # fixed: every world size predicts the very same batches
+
+
+def stage_accuracy(loaded: LoadedModel, folder, names: list[str], items, out: Path, progress: bool) -> dict | None:
     """Predictions on every image of the folder (streamed): accuracy, confusion over the folder's
-    classes (last column: any other class), per-image rows."""
+    classes (last column: any other class), per-image rows.
+
+    The images go in steps of ACCURACY_STEP (``distributed.fold``): under torchrun each rank predicts
+    its shard of steps, the confusion counts are all-reduced and the rows and skipped files gathered to
+    rank 0 in folder order; rank 0 returns the result, the other ranks None."""
     from ..explain import predict
     from ..plots.training import plot_confusion
-    from ..progress import progress as progress_of
 
     k = len(folder.classes)
     to_folder = {m: c for c, m in enumerate(folder.model_index)}
-    cm = np.zeros((k, k + 1), dtype=np.int64)
-    rows, skipped = [], []
 
-    batches = stream_batches(items, loaded.preprocess, loaded.profile.image_mode, 64, skipped=skipped)
-    for x, y, idx in progress_of(batches, desc="accuracy", enabled=progress, total=-(-len(items) // 64),
-                                   unit="batch"):
-        probs = predict(loaded, x)
-        p, pred = probs.max(1)
-        for yi, pi, predi, i in zip(y.tolist(), p.tolist(), pred.tolist(), idx.tolist()):
-            cm[yi, to_folder.get(predi, k)] += 1
-            rows.append({"path": str(items[i][0]), "class": yi, "predicted": names[predi], "probability": pi,
-                         "ok": predi == folder.model_index[yi]})
+    def predict_step(lo: int, hi: int) -> dict:
+        part = {"confusion": torch.zeros(k, k + 1, dtype=torch.long), "rows": [], "skipped": []}
+        for x, y, idx in stream_batches(items[lo:hi], loaded.preprocess, loaded.profile.image_mode, ACCURACY_BATCH,
+                                        skipped=part["skipped"]):
+            p, pred = predict(loaded, x).max(1)
+            for yi, pi, predi, i in zip(y.tolist(), p.tolist(), pred.tolist(), idx.tolist()):
+                part["confusion"][yi, to_folder.get(predi, k)] += 1
+                part["rows"].append({"path": str(items[lo + i][0]), "class": yi, "predicted": names[predi],
+                                     "probability": pi, "ok": predi == folder.model_index[yi]})
+        return part
+
+    def combine(state: dict, part: dict) -> dict:
+        state["confusion"] += part["confusion"]
+        state["rows"] += part["rows"]
+        state["skipped"] += part["skipped"]
+        return state
+
+    job = distributed.Job("accuracy", len(items), ACCURACY_STEP, progress=progress)
+    state = distributed.fold(job, predict_step, combine,
+                             {"confusion": torch.zeros(k, k + 1, dtype=torch.long), "rows": [], "skipped": []})
+    rows, skipped = (distributed.gather_ordered(job.units().start, state[key]) for key in ("rows", "skipped"))
+    cm = distributed.all_reduce_tree({"confusion": state["confusion"]})["confusion"].numpy()
+    if not distributed.is_writer():
+        return None
     if not rows:
         raise ConvlensError(f"{folder.root}: none of its images could be read")
     labels = [names[m] for m in folder.model_index]
-    square = cm[:, :k]
-    plot_confusion(square, out / "confusion_matrix.png", labels)
+    plot_confusion(cm[:, :k], out / "confusion_matrix.png", labels)
     accuracy = float(np.mean([r["ok"] for r in rows]))
     return {"accuracy": accuracy, "images": len(rows), "confusion": cm.tolist(), "classes": labels,
             "other_column": int(cm[:, k].sum()), "rows": rows, "skipped": skipped,
@@ -103,8 +121,12 @@ def evaluation_sample(accuracy: dict, classes: int, count: int) -> list[str]:
     return out
 
 
-def run_report(loaded: LoadedModel, opts: ReportOptions) -> Path:
-    """Every stage, then ``index.html`` and ``summary.json`` in ``opts.out``; returns the page's path."""
+def run_report(loaded: LoadedModel, opts: ReportOptions) -> Path | None:
+    """Every stage, then ``index.html`` and ``summary.json`` in ``opts.out``; returns the page's path.
+
+    Under torchrun the dataset-scale stages (accuracy, statistics, explanations, faithfulness) are
+    split across the ranks; activation maximization and the page are rank 0's. Rank 0 alone reads the
+    stage cache and writes; the other ranks return None."""
     from ..analysis import statistics
     from ..evaluation.run import evaluate
     from ..explain import explain
@@ -115,31 +137,36 @@ def run_report(loaded: LoadedModel, opts: ReportOptions) -> Path:
     items = folder.items[:opts.limit] if opts.limit else folder.items
     for name in opts.methods or []:
         method_info(name)  # an unknown name fails before any work
-    out = ensure_dir(opts.out)
+    out = ensure_dir(opts.out) if distributed.is_writer() else Path(opts.out)
     timings: dict = {}
     start = time.perf_counter()
     base = {"model": model_digest(loaded.model), "data": str(Path(opts.data).resolve()), "images": len(items),
             "profile": [loaded.profile.name, list(loaded.profile.input_shape), loaded.class_names[:50]]}
     acc = run_stage(out, "accuracy", base, lambda d: stage_accuracy(loaded, folder, names, items, d, opts.progress),
                     timings)
+    explained, sample = distributed.broadcast_object(
+        None if acc is None else (chosen_images(acc, opts.per_class, len(folder.classes)),
+                                  evaluation_sample(acc, len(folder.classes), EVALUATION_IMAGES)),
+        "rank 0's choice of images")
     stats = run_stage(out, "stats", base, lambda d: statistics(loaded, d, data=str(opts.data), limit=opts.limit,
                                                                progress=opts.progress), timings)
     classes = folder.model_index[:ACTMAX_CLASSES]
     param = "fourier" if loaded.profile.channels == 3 else "pixel"
     am = run_stage(out, "actmax", {**base, "classes": classes, "seed": opts.seed, "param": param},
                    lambda d: actmax(loaded, d, classes=classes, tv_weights=[1.0, 4.0, 16.0], pairs=[],
-                                    steps=100, seed=opts.seed, param=param, progress=opts.progress), timings)
+                                    steps=100, seed=opts.seed, param=param, progress=opts.progress), timings,
+                   sharded=False)
     methods = opts.methods or DEFAULT_METHODS
-    explained = chosen_images(acc, opts.per_class, len(folder.classes))
     overlays = [m for m in ("gradcam", "guided-gradcam") if m in methods] or methods[:1]
     ex = run_stage(out, "explain", {**base, "methods": methods, "images": explained},
                    lambda d: explain(loaded, explained, d, methods, progress=opts.progress, overlays=overlays),
                    timings)
-    sample = evaluation_sample(acc, len(folder.classes), EVALUATION_IMAGES)
     ev_methods = [m for m in EVALUATION_METHODS if m in methods] or methods[:3]
     ev = run_stage(out, "evaluate", {**base, "methods": ev_methods, "images": sample, "seed": opts.seed},
                    lambda d: evaluate(loaded, d, ev_methods, sample, sanity_images=min(4, len(sample)),
                                       data_randomization=False, seed=opts.seed, progress=opts.progress), timings)
+    if not distributed.is_writer():
+        return None
     timings["total"] = {"seconds": time.perf_counter() - start}
     return render(out, loaded, folder, acc, stats, am, ex, ev, timings, opts)
 

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .. import __version__
+from .. import __version__, distributed
 from ..errors import ConvlensError
 from ..io import ensure_dir, read_json
 from . import stages
@@ -38,14 +38,28 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def run_stage(opts: LabOptions, name: str, key: dict, work: Callable[[Path], dict], timings: dict) -> dict:
+def run_stage(opts: LabOptions, name: str, key: dict, work: Callable[[Path], dict | None], timings: dict,
+              sharded: bool = True) -> dict | None:
     """A cached stage of the lab (see :func:`convlens.report.stages.run_stage`)."""
-    return stages.run_stage(opts.out, name, key, work, timings)
+    return stages.run_stage(opts.out, name, key, work, timings, sharded)
 
 
-def stage_train(opts: LabOptions, timings: dict) -> tuple[dict, str]:
+def lab_model(opts: LabOptions):
+    """The trained lab network of ``OUT/train``. Under torchrun rank 0 reads it and the other ranks
+    receive its checkpoint (so they wait here for rank 0's training and need no shared folder)."""
+    from ..models.registry import load_checkpoint, loaded_from_checkpoint
+
+    path = opts.out / "train" / "model.pt"
+    ckpt = load_checkpoint(path) if distributed.is_writer() else None
+    return loaded_from_checkpoint(distributed.broadcast_object(ckpt, "rank 0's trained lab network"), path)
+
+
+def stage_train(opts: LabOptions, timings: dict) -> tuple[dict | None, str | None]:
+    """Training, on rank 0 alone (the other ranks get (None, None))."""
     from ..training import ResumeMismatch, make_recipe, train
 
+    if not distributed.is_writer():
+        return None, None
     folder = opts.out / "train"
     model_path = folder / "model.pt"
     key = {"seed": opts.seed, "fast": opts.fast}
@@ -63,7 +77,7 @@ def stage_train(opts: LabOptions, timings: dict) -> tuple[dict, str]:
             raise ConvlensError(f"{dest / 'checkpoint.pt'}: an unfinished training with another seed or "
                                 "--fast setting; run again with --retrain") from None
 
-    metrics = run_stage(opts, "train", key, work, timings)
+    metrics = run_stage(opts, "train", key, work, timings, sharded=False)
     if not model_path.exists():
         raise ConvlensError(f"{model_path} is missing; run again with --retrain")
     return metrics, file_digest(model_path)
@@ -71,11 +85,11 @@ def stage_train(opts: LabOptions, timings: dict) -> tuple[dict, str]:
 
 def stage_exercise1(opts: LabOptions, model_key: str, timings: dict) -> dict:
     from ..analysis import featuremaps, statistics
-    from ..models import load_model, summary_rows
+    from ..models import summary_rows
 
-    loaded = load_model(str(opts.out / "train"))
+    loaded = lab_model(opts)
     key = {"model": model_key, "fast": opts.fast}
-    fm = run_stage(opts, "featuremaps", key, lambda d: featuremaps(loaded, d, digit=7), timings)
+    fm = run_stage(opts, "featuremaps", key, lambda d: featuremaps(loaded, d, digit=7), timings, sharded=False)
     st = run_stage(opts, "stats", key, lambda d: statistics(loaded, d, limit=1000 if opts.fast else None,
                                                              progress=opts.progress), timings)
     return {"summary_rows": summary_rows(loaded.model), "featuremaps": fm, "stats": st}
@@ -86,12 +100,12 @@ def stage_exercise2(opts: LabOptions, model_key: str, timings: dict) -> dict:
     from ..featvis.run import PAIR_METHOD, actmax
     from ..models import load_model
 
-    loaded = load_model(str(opts.out / "train"))
     steps = 30 if opts.fast else 200
     # the judge's version and the pair method in the key: a lab folder made before them is redone
     return run_stage(opts, "actmax", {"model": model_key, "steps": steps, "seed": opts.seed, "judge": JUDGE_VERSION,
                                       "pairs": PAIR_METHOD},
-                     lambda d: actmax(loaded, d, steps=steps, seed=opts.seed, progress=opts.progress), timings)
+                     lambda d: actmax(load_model(str(opts.out / "train")), d, steps=steps, seed=opts.seed,
+                                      progress=opts.progress), timings, sharded=False)
 
 
 SPILL_CENTRE = 2 / 3  # side of the central box, as a fraction of the image side (44 % of the area)
@@ -117,6 +131,8 @@ def stage_exercise3(opts: LabOptions, timings: dict) -> dict:
         loaded = load_model("efficientnet-lite0")
         summary = explain(loaded, photos, folder, LAB_EXPLAIN_METHODS, progress=opts.progress,
                           overlays=["gradcam", "guided-gradcam"])
+        if summary is None:  # not the writing rank of a distributed run
+            return None
         spill = {}
         data = np.load(folder / summary["maps"])
         for row, cam in zip(summary["predictions"], data["gradcam_map"]):
@@ -132,9 +148,8 @@ def stage_exercise3(opts: LabOptions, timings: dict) -> dict:
 
 def stage_faithfulness(opts: LabOptions, model_key: str, timings: dict) -> dict:
     from ..evaluation.run import evaluate
-    from ..models import load_model
 
-    loaded = load_model(str(opts.out / "train"))
+    loaded = lab_model(opts)
     n, sanity_n = (20, 3) if opts.fast else (100, 8)
     return run_stage(opts, "evaluate", {"model": model_key, "n": n, "sanity": sanity_n, "seed": opts.seed},
                      lambda d: evaluate(loaded, d, mnist_test=n, sanity_images=sanity_n,
@@ -151,15 +166,20 @@ def run_record(opts: LabOptions, timings: dict) -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def run_lab(opts: LabOptions) -> Path:
-    """All stages, then ``index.html`` and ``summary.json``; returns the report's path."""
+def run_lab(opts: LabOptions) -> Path | None:
+    """All stages, then ``index.html`` and ``summary.json``; returns the report's path.
+
+    Under torchrun rank 0 trains while the other ranks wait (:func:`lab_model`); the statistics, the
+    explanations and the faithfulness evaluation are split across the ranks; feature maps, activation
+    maximization and the page are rank 0's. Rank 0 alone writes; the other ranks return None."""
     from ..progress import progress
     from .html import render_report
 
-    opts.out = ensure_dir(opts.out)
+    writer = distributed.is_writer()
+    opts.out = ensure_dir(opts.out) if writer else Path(opts.out)
     timings: dict = {}
     start = time.perf_counter()
-    bar = progress(desc="lab", total=6, unit="stage", enabled=opts.progress, per_item=True)
+    bar = progress(desc="lab", total=6, unit="stage", enabled=opts.progress and writer, per_item=True)
 
     def step(label: str):
         bar.set_description(f"lab: {label}")
@@ -179,6 +199,9 @@ def run_lab(opts: LabOptions) -> Path:
     step("faithfulness")
     faith = stage_faithfulness(opts, model_key, timings)
     bar.update()
+    if not writer:
+        bar.close()
+        return None
     step("report")
     history = read_json(opts.out / "train" / "history.json")
     timings["total"] = {"seconds": time.perf_counter() - start}

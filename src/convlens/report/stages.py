@@ -9,9 +9,10 @@ from typing import Callable
 
 from torch import nn
 
+from .. import distributed
 from ..errors import ConvlensError
 from ..integrity import tensor_digest
-from ..io import check_input_file, check_output_file, ensure_dir, write_json
+from ..io import check_input_file, check_output_file, ensure_dir, rollback_on_error, write_json
 
 
 def read_marker(marker: Path) -> dict | None:
@@ -30,19 +31,33 @@ def read_marker(marker: Path) -> dict | None:
     return cached
 
 
-def run_stage(out: Path, name: str, key: dict, work: Callable[[Path], dict], timings: dict) -> dict:
+def run_stage(out: Path, name: str, key: dict, work: Callable[[Path], dict | None], timings: dict,
+              sharded: bool = True) -> dict | None:
     """Run ``work(folder)`` unless ``out/name`` already holds a result for the same key (a damaged
-    marker is computed again)."""
-    folder = ensure_dir(out / name)
-    marker = folder / "stage.json"
-    cached = read_marker(marker)
-    if cached is not None and cached["key"] == key:
+    marker is computed again). The stage's files appear with its marker or not at all: when ``work``
+    fails, what it wrote is removed (checkpoints written ``unrecorded`` stay for the next run).
+
+    Under torchrun rank 0 alone reads and writes the folder: it tells the other ranks whether the stage
+    is cached; a ``sharded`` stage's work then runs on every rank (it returns its result on rank 0 and
+    None elsewhere), an unsharded one on rank 0 alone. The other ranks return None.
+    """
+    writer = distributed.is_writer()
+    cached = read_marker(ensure_dir(out / name) / "stage.json") if writer else None
+    hit = cached is not None and cached["key"] == key
+    if sharded:
+        hit = distributed.broadcast_object(hit, f"rank 0 to look up the cached {name} stage")
+    if not writer:
+        if sharded and not hit:
+            work(out / name)
+        return None
+    if hit:
         timings[name] = {"seconds": 0.0, "cached": True, "original_seconds": cached.get("seconds")}
         return cached["result"]
     start = time.perf_counter()
-    result = work(folder)
+    with rollback_on_error():
+        result = work(out / name)
     seconds = time.perf_counter() - start
-    write_json(marker, {"key": key, "seconds": seconds, "result": result})
+    write_json(out / name / "stage.json", {"key": key, "seconds": seconds, "result": result})
     timings[name] = {"seconds": seconds, "cached": False}
     return result
 
