@@ -494,7 +494,11 @@ def test_report_two_processes_equal_one(trained_run, mnist_test, tmp_path):
                             json.loads((two / "evaluate" / "evaluation.json").read_text()))
     assert stage_result(two, "actmax")["probabilities"] == stage_result(one, "actmax")["probabilities"]
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (one, two))
-    assert {k: v for k, v in sa.items() if k != "run"} == {k: v for k, v in sb.items() if k != "run"}
+    for summary in (sa, sb):  # timings differ from run to run
+        del summary["run"]
+        for row in summary["faithfulness"].values():
+            del row["seconds_per_image"]
+    assert sa == sb
     assert without_record((one / "index.html").read_text()) == without_record((two / "index.html").read_text())
     assert visible(one) == visible(two)
     for stage in ("accuracy", "stats", "actmax", "explain", "evaluate"):

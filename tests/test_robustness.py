@@ -351,6 +351,21 @@ def test_a_damaged_stage_marker_is_recomputed(tmp_path, damage):
     assert again == {"value": 7} and len(calls) == 1  # the rewritten marker is used
 
 
+def test_a_failing_stage_removes_what_it_wrote_but_keeps_its_checkpoints(tmp_path):
+    from convlens.io import unrecorded, write_json
+    from convlens.report.stages import run_stage
+
+    def work(folder):
+        write_json(folder / "figure.json", {"partial": True})
+        with unrecorded():
+            write_json(folder / "checkpoint.json", {"next": 1})
+        raise RuntimeError("stage failed")
+
+    with pytest.raises(RuntimeError, match="stage failed"):
+        run_stage(tmp_path, "s", {"a": 1}, work, {})
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["checkpoint.json"]  # no stage.json either
+
+
 def test_the_lab_names_its_own_option_when_a_resume_does_not_fit(tmp_path, monkeypatch):
     from convlens.models.labnet import LabNet
     from convlens.io import save_torch
