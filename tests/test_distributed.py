@@ -525,18 +525,21 @@ def test_report_failing_rank_leaves_no_outputs(trained_run, mnist_test, tmp_path
 
 @pytest.mark.slow
 def test_lab_two_processes_equal_one(lab_dir, tmp_path):
-    """`lab --fast` under torchrun (2 ranks) with the training of the one-process run (rank 0 finds it
-    cached and sends the network to rank 1): statistics, explanations and faithfulness equal one process."""
+    """`lab --fast` under torchrun (2 ranks), its training stage resumed from the one-process run's last
+    checkpoint (the same weights, whatever the thread count): rank 0 runs the training stage while rank 1
+    waits, then sends it the network; statistics, explanations and faithfulness equal one process."""
     import shutil
 
     out = tmp_path / "lab2"
     out.mkdir()
     shutil.copytree(lab_dir / "train", out / "train")
+    for done in ("stage.json", "model.pt"):
+        (out / "train" / done).unlink()
     proc = torchrun("lab", "--fast", "--out", out, "--quiet", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == str((out / "index.html").resolve())
     timings = json.loads((out / "summary.json").read_text())["run"]["timings"]
-    assert timings["train"]["cached"] is True
+    assert timings["train"]["cached"] is False and (out / "train" / "model.pt").is_file()
     assert not any(timings[s]["cached"] for s in ("featuremaps", "stats", "actmax", "explain", "evaluate"))
     assert_stats_equal(lab_dir / "stats", out / "stats")
     assert_evaluation_equal(json.loads((lab_dir / "evaluate" / "evaluation.json").read_text()),
