@@ -653,3 +653,15 @@ def test_srun_task_without_master_address_is_one_clear_error():
     env = {k: v for k, v in SLURM_TASK.items() if k != "MASTER_ADDR"}
     with pytest.raises(ConvlensError, match="task 3 of 4 without torchrun: set MASTER_ADDR"):
         distributed.slurm_task_environment(env)
+
+
+@pytest.mark.slow
+def test_lab_training_failure_on_rank_zero_stops_the_waiting_rank_with_one_line(lab_dir, tmp_path):
+    """Rank 0 cannot resume the training (a checkpoint of another seed) while rank 1 waits for the
+    network: one error line, from rank 0, and no page."""
+    out = tmp_path / "lab-bad"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "checkpoint.pt").write_bytes((lab_dir / "train" / "checkpoint.pt").read_bytes())
+    proc = torchrun("lab", "--fast", "--seed", 1, "--out", out, "--quiet")
+    assert_one_error_line(proc, "rank 0 failed", "--retrain")
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == ["checkpoint.pt"]
