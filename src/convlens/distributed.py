@@ -9,7 +9,9 @@ rank 0 in dataset order (:func:`gather_ordered`). Per-item results too large to 
 (explanation maps, drawn figures) go round by round instead (:func:`deal`: steps dealt round-robin,
 rank 0 receives each round in order and may checkpoint what it wrote after it). Only rank 0 writes
 outputs (:func:`is_writer`).
-Without a launcher every function degrades to the single-process case (world size 1, no collectives).
+Started by ``srun`` without torchrun, SLURM's task variables stand in for torchrun's
+(:func:`slurm_task_environment`). Without a launcher every function degrades to the single-process
+case (world size 1, no collectives).
 
 Faults: a rank whose work raises publishes ``rank R failed: <cause>`` in the launcher's key-value store,
 prints that one line and exits with code 2; the other ranks see the flag between steps (or lose
