@@ -555,12 +555,3 @@ def deal(job: Job, compute: Callable[[int, int], P], emit: Callable[[P], None], 
         progress.close()
     mark_finished()
     announce_resumed(job)
-
-
-def from_writer(values: list[int]) -> list[int]:
-    """Rank 0's ``values`` on every rank (what rank 0 read from its checkpoint, say)."""
-    if not active():
-        return list(values)
-    t = torch.tensor(values if is_writer() else [0] * len(values), dtype=torch.long)
-    _collective("broadcast from rank 0", lambda: dist.broadcast(t, src=0))
-    return t.tolist()

@@ -519,7 +519,8 @@ def explain(loaded: LoadedModel, items, out: str | Path, methods: list[str] | No
         return batches, reporter.failures[before:]
 
     try:
-        first, job.step = distributed.from_writer(list(writer.start(step)) if writer else [0, 0])
+        first, job.step = distributed.broadcast_object(tuple(writer.start(step)) if writer else None,
+                                                          "rank 0's resume point")
         if first and writer is not None and writer.rows:
             reporter.any_read = True
         distributed.deal(job, compute, writer.add if writer else lambda part: None, first,
