@@ -546,9 +546,9 @@ def test_lab_two_processes_equal_one(lab_dir, tmp_path):
                             json.loads((out / "evaluate" / "evaluation.json").read_text()))
     ea, eb = np.load(lab_dir / "explain" / "maps.npz"), np.load(out / "explain" / "maps.npz")
     assert sorted(ea.files) == sorted(eb.files)
-    for key in ea.files:
+    for key in ea.files:  # one process runs 2 threads, each rank 1: float32 sums in another order
         if key != "images":
-            np.testing.assert_allclose(eb[key], ea[key], rtol=1e-6, atol=1e-6, err_msg=key)
+            np.testing.assert_allclose(eb[key], ea[key], rtol=1e-5, atol=1e-6, err_msg=key)
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (lab_dir, out))
     assert sa["exercise1"] == sb["exercise1"] and sa["exercise2"] == sb["exercise2"]
     assert sa["faithfulness"]["best_deletion"] == sb["faithfulness"]["best_deletion"]
