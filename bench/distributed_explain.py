@@ -22,6 +22,15 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
+def bench_model(given: str | None, tmp: Path) -> Path:
+    """The lab network to time: ``given``, else one trained briefly (1 epoch on 2,000 digits) into ``tmp``."""
+    if given:
+        return Path(given)
+    from convlens.training import make_recipe, train
+    train(tmp / "run", make_recipe("best", epochs=1), seed=0, progress=False, subset=2000)
+    return tmp / "run"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,10 +66,7 @@ def main() -> None:
     from convlens.data import load_mnist
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-explain-"))
-    model = Path(a.model) if a.model else tmp / "run"
-    if not a.model:
-        from convlens.training import make_recipe, train
-        train(model, make_recipe("best", epochs=1), seed=0, progress=False, subset=2000)
+    model = bench_model(a.model, tmp)
     x = load_mnist("test").tensors()[0]
     folders = {}
     for n in (2, a.images):

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from distributed_explain import SRC, free_port
+from distributed_explain import SRC, bench_model, free_port
 
 STAGES = ("accuracy", "stats", "actmax", "explain", "evaluate", "total")
 
@@ -63,10 +63,7 @@ def main() -> None:
     a = ap.parse_args()
     sys.path.insert(0, str(SRC))
     tmp = Path(tempfile.mkdtemp(prefix="bench-report-"))
-    model = Path(a.model) if a.model else tmp / "run"
-    if not a.model:
-        from convlens.training import make_recipe, train
-        train(model, make_recipe("best", epochs=1), seed=0, progress=False, subset=2000)
+    model = bench_model(a.model, tmp)
     folder = digit_folder(tmp / "digits", a.images)
     runs: dict[int, list[dict[str, float]]] = {1: [], 2: []}
     for r in range(a.repeats):

@@ -29,20 +29,9 @@ from captum.attr import KernelShap, Lime
 from convlens.attribution import attribute, make_method
 from convlens.attribution.perturbation import KernelSHAP
 from convlens.attribution.segment import grid_labels
-from test_perturbation import SmallNet
+from test_perturbation import TARGETS, net, x  # noqa: F401 (fixtures shared with the perturbation tests)
 
-TARGETS = [0, 3, 1]
 pytestmark = pytest.mark.filterwarnings("ignore:You are providing multiple inputs")  # Captum, per-example fits
-
-
-@pytest.fixture
-def net():
-    return SmallNet().eval()
-
-
-@pytest.fixture
-def x():
-    return torch.rand(3, 3, 12, 12, generator=torch.Generator().manual_seed(2))
 
 
 def feeding(rows: torch.Tensor, ends: bool):

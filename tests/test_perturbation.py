@@ -36,6 +36,16 @@ def x():
     return torch.rand(3, 3, 12, 12, generator=torch.Generator().manual_seed(2))
 
 
+def attribute_counting_forwards(method, net, x):
+    """The method's result on (x, TARGETS) and the batch size of every forward of ``net`` it ran."""
+    calls = []
+    handle = net.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    try:
+        return method.attribute(x, TARGETS), calls
+    finally:
+        handle.remove()
+
+
 def test_occlusion_matches_captum(net, x):
     captum = pytest.importorskip("captum.attr")
     ref = captum.Occlusion(net).attribute(x, sliding_window_shapes=(3, 5, 5), strides=(3, 3, 3), baselines=0.2,
@@ -50,12 +60,7 @@ def test_occlusion_skips_windows_already_at_baseline(net, x):
     x = x.clone()
     x[:, :, :6] = 0.0  # the top half equals the baseline: those windows need no forward
     method = make_method("occlusion", net, window=3, stride=3)
-    calls = []
-    handle = net.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
-    try:
-        res = method.attribute(x, TARGETS)
-    finally:
-        handle.remove()
+    res, calls = attribute_counting_forwards(method, net, x)
     assert sum(calls) == len(x) * (1 + 8)  # the clean forward + the 8 windows of the lower half
     assert (res.raw[:, :6] == 0).all() and res.raw[:, 6:].abs().sum() > 0
 
@@ -212,12 +217,7 @@ def test_repeated_coalitions_are_scored_once(net, x):
     z = method.coalitions(4, "cpu")
     distinct = torch.unique(z, dim=0)
     assert len(distinct) < len(z)
-    calls = []
-    handle = net.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
-    try:
-        res = method.attribute(x, TARGETS)
-    finally:
-        handle.remove()
+    res, calls = attribute_counting_forwards(method, net, x)
     assert sum(calls) == len(x) * (1 + int((~distinct.all(1)).sum()))
     labels = grid_labels(1, 12, 12, 2)[0]
     for n in range(len(x)):
