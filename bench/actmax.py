@@ -3,6 +3,10 @@ against the same 80 images one at a time with the same code and a plain batched 
 
     python bench/actmax.py [--model RUN] [--threads 2]       targets: speed-up ≥ 5×, engine ≤ plain loop
     python bench/actmax.py --realism --model RUN[,RUN2,...] [--modes default,kerasvis,generator] [--seeds 0]
+    python bench/actmax.py --pair-ceiling
+
+--pair-ceiling asks what the judge accepts as a pair at all: real training images of either class, and 200
+overlays (pixel maximum) of a real image of each class, counted as the pair verdict counts them.
 
 --realism runs `convlens actmax` as a user would, for each network, mode (prior) and seed, and prints what
 the independent judge recognizes per tv weight (class images and pairs), the chosen weight, each pair's
@@ -85,6 +89,25 @@ def realism(models: list[str], modes: list[str], seeds: list[int], steps: int) -
         print("{} | {} | {} | {:g} | {} | {} | {:.1f} | {:.1f}".format(*row))
 
 
+def pair_ceiling(overlays: int = 200) -> None:
+    """How many real images, and overlays of two real images, the judge reads as each lab pair."""
+    from convlens.data.mnist import load_mnist
+    from convlens.featvis.judge import judge_images, load_judge
+    from convlens.featvis.run import LAB_PAIRS
+
+    x, y = load_mnist("train").tensors()
+    judge = load_judge()[0]
+    gen = torch.Generator().manual_seed(0)
+    for a, b in LAB_PAIRS:
+        either = (y == a) | (y == b)
+        real = judge_images(judge, x[either], [[a, b]] * int(either.sum())).count
+        xa, xb = (x[y == c][torch.randperm(int((y == c).sum()), generator=gen)[:overlays]] for c in (a, b))
+        mixed = judge_images(judge, torch.maximum(xa, xb), [[a, b]] * overlays)
+        by = {k: sum(e[k] for e in mixed.by_classifier) for k in ("cnn", "mlp")}
+        print(f"{a}&{b}: real images of either class read as the pair {real} of {int(either.sum())}; "
+              f"overlays {mixed.count} of {overlays} (cnn {by['cnn']}, mlp {by['mlp']})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None, help="a run folder; --realism: several, comma-separated")
@@ -93,8 +116,12 @@ def main() -> None:
     ap.add_argument("--realism", action="store_true")
     ap.add_argument("--modes", default="default,kerasvis,generator")
     ap.add_argument("--seeds", default="0")
+    ap.add_argument("--pair-ceiling", action="store_true")
     args = ap.parse_args()
     setup(args.threads)
+    if args.pair_ceiling:
+        pair_ceiling()
+        return
     if args.realism:
         realism((args.model or "convlens-out/train").split(","), args.modes.split(","),
                 [int(v) for v in args.seeds.split(",")], args.steps)
